@@ -1,0 +1,49 @@
+# tagflow: `make demo` runs the main job, `make test` runs every test. Both build what they need first.
+PYTHON ?= python3
+VENV := .venv
+MXVENV := .venv-mxnet
+UV := $(VENV)/bin/uv
+UV_VERSION := 0.13.8
+export UV_LINK_MODE := copy
+
+.PHONY: demo test venvs lint lock s3-start s3-stop clean-state bench
+
+demo: venvs
+	$(VENV)/bin/tagflow demo
+
+test: venvs
+	$(VENV)/bin/python -m pytest
+
+venvs: $(VENV)/.installed $(MXVENV)/.installed
+
+$(UV):
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
+
+# The Airflow environment: the lock, the dev tools and tagflow itself (editable).
+$(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml | $(UV)
+	$(UV) pip install --quiet --python $(VENV)/bin/python -r requirements.txt -r requirements-dev.txt
+	$(UV) pip install --quiet --python $(VENV)/bin/python --no-deps -e .
+	touch $@
+
+# The algorithm environment: MXNet 1.9.1 needs numpy 1.23.5, so it never shares a venv with Airflow.
+$(MXVENV)/.installed: requirements-mxnet.txt | $(UV)
+	test -x $(MXVENV)/bin/python || $(UV) venv --quiet --python $(PYTHON) $(MXVENV)
+	$(UV) pip install --quiet --python $(MXVENV)/bin/python -r requirements-mxnet.txt
+	touch $@
+
+lint: venvs
+	$(VENV)/bin/ruff check include plugins dags tests bench
+	$(VENV)/bin/ruff format --check include plugins dags tests bench
+
+# Regenerate the three locks from their .in files (needs the package registry).
+lock: | $(UV)
+	$(UV) pip compile --quiet --python-version 3.11 --generate-hashes requirements.in -o requirements.txt
+	$(UV) pip compile --quiet --python-version 3.11 --generate-hashes requirements-dev.in -o requirements-dev.txt
+	$(UV) pip compile --quiet --python-version 3.11 --generate-hashes requirements-mxnet.in -o requirements-mxnet.txt
+
+s3-start: venvs
+	$(VENV)/bin/tagflow s3 start
+
+s3-stop: venvs
+	$(VENV)/bin/tagflow s3 stop

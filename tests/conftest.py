@@ -1,0 +1,54 @@
+"""Shared fixtures: one real local S3 server for the whole test session, and a fresh bucket per test."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tagflow import s3
+from tagflow.local import s3server
+
+REPO = Path(__file__).resolve().parents[1]
+MXNET_PYTHON = REPO / ".venv-mxnet" / "bin" / "python"
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A SeaweedFS server started for this session, its credentials exported for boto3."""
+    state = tmp_path_factory.mktemp("s3server")
+    info = s3server.start(state)
+    saved = {k: os.environ.get(k) for k in info.env()}
+    os.environ.update(info.env())
+    try:
+        yield info
+    finally:
+        s3server.stop(state)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def s3_client(s3_server):
+    return s3.make_client(s3_server.endpoint)
+
+
+@pytest.fixture
+def bucket(s3_client) -> str:
+    """A new, empty bucket on the session's server."""
+    name = f"t-{uuid.uuid4().hex[:16]}"
+    s3_client.create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture(scope="session")
+def mxnet_python() -> Path:
+    """The algorithm environment's interpreter; `make test` creates it."""
+    if not MXNET_PYTHON.exists():
+        pytest.fail(f"{MXNET_PYTHON} is missing: run `make venvs` (make test does) to create the algorithm environment")
+    return MXNET_PYTHON

@@ -1,0 +1,58 @@
+from __future__ import annotations
+
+import boto3
+import pytest
+from botocore.config import Config
+from botocore.exceptions import ClientError
+
+from tagflow import s3
+from tagflow.local import s3server
+
+
+def test_server_checks_signatures(s3_server, bucket):
+    wrong = boto3.client(
+        "s3",
+        endpoint_url=s3_server.endpoint,
+        aws_access_key_id=s3_server.access_key,
+        aws_secret_access_key="not-the-secret",
+        region_name=s3_server.region,
+        config=Config(signature_version="s3v4", retries={"max_attempts": 1}),
+    )
+    with pytest.raises(ClientError) as err:
+        wrong.list_objects_v2(Bucket=bucket)
+    assert err.value.response["Error"]["Code"] in ("SignatureDoesNotMatch", "AccessDenied", "InvalidAccessKeyId")
+
+
+def test_bucket_is_not_created_on_upload(s3_client):
+    with pytest.raises(ClientError):
+        s3_client.put_object(Bucket="no-such-bucket-here", Key="k", Body=b"x")
+
+
+def test_start_is_idempotent_and_data_survives_restart(tmp_path):
+    state = tmp_path / "srv"
+    first = s3server.start(state)
+    try:
+        assert s3server.start(state).pid == first.pid
+        client = s3.make_client(first.endpoint, session=boto3.session.Session(
+            aws_access_key_id=first.access_key, aws_secret_access_key=first.secret_key, region_name=first.region))
+        client.create_bucket(Bucket="keep")
+        client.put_object(Bucket="keep", Key="a/b.txt", Body=b"persisted")
+        assert s3server.stop(state) is True
+        assert s3server.status(state) is None
+        assert s3server.stop(state) is False
+        second = s3server.start(state)
+        assert second.pid != first.pid
+        client = s3.make_client(second.endpoint, session=boto3.session.Session(
+            aws_access_key_id=second.access_key, aws_secret_access_key=second.secret_key, region_name=second.region))
+        assert client.get_object(Bucket="keep", Key="a/b.txt")["Body"].read() == b"persisted"
+    finally:
+        s3server.stop(state)
+
+
+def test_presigned_url_works(s3_server, s3_client, bucket):
+    import urllib.request
+
+    s3_client.put_object(Bucket=bucket, Key="p.txt", Body=b"signed")
+    url = s3_client.generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": "p.txt"}, ExpiresIn=60)
+    with urllib.request.urlopen(url) as resp:
+        assert resp.read() == b"signed"
