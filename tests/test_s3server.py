@@ -20,7 +20,11 @@ def test_server_checks_signatures(s3_server, bucket):
     )
     with pytest.raises(ClientError) as err:
         wrong.list_objects_v2(Bucket=bucket)
-    assert err.value.response["Error"]["Code"] in ("SignatureDoesNotMatch", "AccessDenied", "InvalidAccessKeyId")
+    assert err.value.response["Error"]["Code"] in (
+        "SignatureDoesNotMatch",
+        "AccessDenied",
+        "InvalidAccessKeyId",
+    )
 
 
 def test_bucket_is_not_created_on_upload(s3_client):
@@ -33,8 +37,14 @@ def test_start_is_idempotent_and_data_survives_restart(tmp_path):
     first = s3server.start(state)
     try:
         assert s3server.start(state).pid == first.pid
-        client = s3.make_client(first.endpoint, session=boto3.session.Session(
-            aws_access_key_id=first.access_key, aws_secret_access_key=first.secret_key, region_name=first.region))
+        client = s3.make_client(
+            first.endpoint,
+            session=boto3.session.Session(
+                aws_access_key_id=first.access_key,
+                aws_secret_access_key=first.secret_key,
+                region_name=first.region,
+            ),
+        )
         client.create_bucket(Bucket="keep")
         client.put_object(Bucket="keep", Key="a/b.txt", Body=b"persisted")
         assert s3server.stop(state) is True
@@ -42,8 +52,14 @@ def test_start_is_idempotent_and_data_survives_restart(tmp_path):
         assert s3server.stop(state) is False
         second = s3server.start(state)
         assert second.pid != first.pid
-        client = s3.make_client(second.endpoint, session=boto3.session.Session(
-            aws_access_key_id=second.access_key, aws_secret_access_key=second.secret_key, region_name=second.region))
+        client = s3.make_client(
+            second.endpoint,
+            session=boto3.session.Session(
+                aws_access_key_id=second.access_key,
+                aws_secret_access_key=second.secret_key,
+                region_name=second.region,
+            ),
+        )
         assert client.get_object(Bucket="keep", Key="a/b.txt")["Body"].read() == b"persisted"
     finally:
         s3server.stop(state)

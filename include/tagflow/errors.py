@@ -34,3 +34,18 @@ class ListFileError(InputError):
 
 class TooManyFailures(TagflowError):
     """More objects or images failed than the allowed fraction; the message lists which and why."""
+
+
+def check_bad_fraction(errors: list[dict[str, str]], total: int, limit: float, what: str = "images") -> None:
+    """Raise TooManyFailures when more than `limit` of `total` items failed, listing the first 20 and why.
+
+    `errors` are dicts with at least `path` and `reason`. Below the limit the failures are the caller's to report.
+    """
+    if not total or len(errors) / total <= limit:
+        return
+    shown = "\n".join(f"  {e.get('path')}: {e.get('reason')}" for e in errors[:20])
+    more = f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else ""
+    raise TooManyFailures(
+        f"{len(errors)} of {total} {what} ({len(errors) / total:.2%}) could not be used, above the allowed "
+        f"{limit:.2%}:\n{shown}{more}"
+    )

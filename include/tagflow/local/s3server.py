@@ -237,7 +237,12 @@ def start(state_dir: Path | None = None) -> ServerInfo:
     env = {**os.environ, "TMPDIR": str(state_dir / "tmp")}
     with log.open("ab") as log_fh:
         proc = subprocess.Popen(
-            args, stdout=log_fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True
+            args,
+            stdout=log_fh,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
         )
     info = ServerInfo(
         pid=proc.pid,

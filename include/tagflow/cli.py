@@ -1,0 +1,381 @@
+"""The `tagflow` command: one verb per pipeline stage, each a thin call into the library.
+
+Every verb prints progress on stderr for long work, a one-line summary (or `--json`) on stdout, and on bad input a
+message naming the file, line or value, with exit status 2 (other failures: 1). No tracebacks for user errors.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import click
+import typer
+
+from tagflow.errors import TagflowError
+
+app = typer.Typer(
+    name="tagflow",
+    help="Train and ship a multi-label image tagger: list file → images → RecordIO → S3 → training.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+s3_app = typer.Typer(help="The local S3 server (SeaweedFS) for runs without AWS.", no_args_is_help=True)
+app.add_typer(s3_app, name="s3")
+
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout instead of a sentence.")]
+NumLabels = Annotated[int, typer.Option("--num-labels", "-n", min=1, help="Label columns per line (50 or 334).")]
+LabelsOpt = Annotated[
+    str | None,
+    typer.Option("--labels", help="Label names, one per line in column order (file or s3:// URI)."),
+]
+
+
+def _emit(as_json: bool, summary: dict[str, Any], sentence: str) -> None:
+    typer.echo(json.dumps(summary, indent=1, sort_keys=True, default=str) if as_json else sentence)
+
+
+@contextmanager
+def _progress(description: str) -> Iterator[Callable[..., None]]:
+    """A progress bar on stderr; yields `update(done, total, *extra)`. Silent when stderr is not a terminal."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    console = Console(stderr=True)
+    if not console.is_terminal:
+        last = [0.0]
+
+        def log_line(done: int, total: int, *_: Any) -> None:
+            now = time.monotonic()
+            if done == total or now - last[0] >= 5:
+                last[0] = now
+                print(f"{description}: {done}/{total}", file=sys.stderr, flush=True)
+
+        yield log_line
+        return
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+    ) as bar:
+        task = bar.add_task(description, total=None)
+
+        def update(done: int, total: int, *_: Any) -> None:
+            bar.update(task, completed=done, total=total)
+
+        yield update
+
+
+@app.command()
+def parse(
+    list_file: Annotated[str, typer.Argument(help="The list file: a local path or s3:// URI.")],
+    num_labels: NumLabels,
+    labels: LabelsOpt = None,
+    out: Annotated[Path | None, typer.Option(help="Write the normalized list (tabs, LF, sorted by ID) here.")] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Validate a list file (ID, N labels of 0/1, path per line); exit 2 with LIST:LINE errors if it is bad."""
+    from tagflow.listfile import default_label_names, parse_list, read_label_names, write_list
+    from tagflow.pipeline import read_location
+
+    raw, name = read_location(list_file)
+    listfile = parse_list(raw, num_labels, name=name).sorted_by_id()
+    names = read_label_names(Path(labels), num_labels) if labels else default_label_names(num_labels)
+    if out:
+        write_list(listfile, out)
+    counts = listfile.label_counts()
+    summary = {
+        "list": name,
+        "images": len(listfile),
+        "num_labels": num_labels,
+        "sha256": listfile.sha256,
+        "label_counts": dict(zip(names, (int(c) for c in counts), strict=True)),
+        "normalized": str(out) if out else None,
+    }
+    per_image = float(counts.sum()) / max(len(listfile), 1)
+    _emit(
+        as_json,
+        summary,
+        f"{name}: {len(listfile)} images, {num_labels} labels, {per_image:.2f} labels per image, "
+        f"sha256 {listfile.sha256[:12]}" + (f", normalized list at {out}" if out else ""),
+    )
+
+
+@app.command()
+def download(
+    list_file: Annotated[str, typer.Argument(help="The list file: a local path or s3:// URI.")],
+    dest: Annotated[Path, typer.Option(help="Local folder for the mirror (the --root of `tagflow pack`).")],
+    num_labels: NumLabels,
+    source: Annotated[str | None, typer.Option(help="s3://BUCKET/PREFIX that relative list paths are under.")] = None,
+    workers: Annotated[int, typer.Option(min=1, max=256, help="Concurrent requests.")] = 32,
+    max_bad_fraction: Annotated[float, typer.Option(min=0, max=1, help="Fail above this share of bad objects.")] = 0.01,
+    as_json: JsonFlag = False,
+) -> None:
+    """Mirror the images a list file names into DEST; already present, unchanged objects are not fetched again."""
+    from tagflow import download as dl
+    from tagflow.listfile import parse_list
+    from tagflow.pipeline import read_location
+    from tagflow.s3 import S3Uri
+
+    raw, name = read_location(list_file)
+    listfile = parse_list(raw, num_labels, name=name)
+    with _progress("download") as update:
+        report = dl.download(
+            listfile.paths,
+            dest,
+            source=S3Uri.parse(source) if source else None,
+            workers=workers,
+            max_bad_fraction=max_bad_fraction,
+            progress=update,
+        )
+    _emit(
+        as_json,
+        report.to_dict(),
+        f"{dest}: {report.fetched} fetched, {report.already_present} already present, "
+        f"{len(report.errors)} skipped, {report.bytes / 1e6:.1f} MB in {report.seconds:.1f}s",
+    )
+
+
+@app.command()
+def pack(
+    list_file: Annotated[str, typer.Option("--list", help="The list file: a local path or s3:// URI.")],
+    root: Annotated[Path, typer.Option(help="Folder the list paths are relative to (a leading / is tolerated).")],
+    out_dir: Annotated[Path, typer.Option(help="Writes train.rec/.idx, val.rec/.idx and manifest.json here.")],
+    num_labels: NumLabels,
+    labels: LabelsOpt = None,
+    resize: Annotated[int, typer.Option(min=8, help="Shorter side in pixels, like im2rec --resize.")] = 96,
+    center_crop: Annotated[bool, typer.Option(help="Crop the centre square first: exact RESIZE×RESIZE.")] = False,
+    quality: Annotated[int, typer.Option(min=1, max=100, help="JPEG quality.")] = 95,
+    encoding: Annotated[str, typer.Option(help="Image encoding inside records: .jpg or .png.")] = ".jpg",
+    train_ratio: Annotated[float, typer.Option(min=0, max=1, help="Share of images in train (stable by ID).")] = 0.9,
+    workers: Annotated[int | None, typer.Option(min=1, help="Processes (default: all cores).")] = None,
+    engine: Annotated[str, typer.Option(help="native, or mxnet (MXNet's own im2rec, for comparison).")] = "native",
+    max_bad_fraction: Annotated[float, typer.Option(min=0, max=1, help="Fail above this share of bad images.")] = 0.01,
+    as_json: JsonFlag = False,
+) -> None:
+    """Pack images into im2rec-compatible RecordIO with multi-hot labels, split train/val by a hash of the ID."""
+    from tagflow import manifest
+    from tagflow import pack as packing
+    from tagflow.errors import InputError, TooManyFailures, check_bad_fraction
+    from tagflow.listfile import default_label_names, parse_list, read_label_names
+    from tagflow.paths import local_path
+    from tagflow.pipeline import read_location
+
+    if engine not in ("native", "mxnet"):
+        raise InputError(f"--engine {engine!r}: expected 'native' or 'mxnet'")
+    params = packing.PackParams(
+        resize=resize, center_crop=center_crop, quality=quality, encoding=encoding, train_ratio=train_ratio
+    )
+    raw, name = read_location(list_file)
+    listfile = parse_list(raw, num_labels, name=name).sorted_by_id()
+    names = read_label_names(Path(labels), num_labels) if labels else default_label_names(num_labels)
+    items = [
+        (int(i), listfile.labels[row], local_path(root, listfile.paths[row])) for row, i in enumerate(listfile.ids)
+    ]
+    started = time.perf_counter()
+    with _progress("pack") as update:
+        if engine == "native":
+            report = packing.pack(items, out_dir, params, workers=workers, progress=update)
+        else:
+            report = packing.pack_with_im2rec(items, out_dir, params, workers=workers)
+    errors = [dict(e) for e in report.to_dict()["errors"]]
+    try:
+        check_bad_fraction(errors, len(listfile), max_bad_fraction)
+    except TooManyFailures:
+        for name_ in ("train.rec", "train.idx", "val.rec", "val.idx"):
+            (out_dir / name_).unlink(missing_ok=True)  # no dataset without its manifest
+        raise
+    manifest.build(out_dir, listfile=listfile, label_names=names, pack_params=params, errors=errors, list_name=name)
+    seconds = time.perf_counter() - started
+    summary = {**report.to_dict(), "out_dir": str(out_dir), "seconds": round(seconds, 3), "engine": engine}
+    _emit(
+        as_json,
+        summary,
+        f"{out_dir}: {report.counts.get('train', 0)} train, {report.counts.get('val', 0)} val, "
+        f"{len(errors)} skipped, {len(listfile) / max(seconds, 1e-9):.0f} images/s ({engine})",
+    )
+
+
+@app.command()
+def upload(
+    out_dir: Annotated[Path, typer.Argument(help="A folder written by `tagflow pack`.")],
+    dataset: Annotated[str, typer.Argument(help="s3://BUCKET/PREFIX: writes training/ and validation/ below it.")],
+    as_json: JsonFlag = False,
+) -> None:
+    """Upload a packed dataset to the seed's layout; unchanged files are not rewritten, the manifest goes last."""
+    from tagflow import s3
+    from tagflow.pipeline import upload_dataset
+
+    uris = upload_dataset(s3.make_client(), out_dir, s3.S3Uri.parse(dataset))
+    _emit(as_json, uris, "\n".join(uris.values()))
+
+
+@app.command()
+def run(
+    list_file: Annotated[str, typer.Argument(help="The list file's s3:// URI (or a local path).")],
+    dataset: Annotated[str, typer.Argument(help="s3://BUCKET/PREFIX for training/ and validation/.")],
+    num_labels: NumLabels,
+    source: Annotated[str | None, typer.Option(help="s3://BUCKET/PREFIX that relative list paths are under.")] = None,
+    labels: LabelsOpt = None,
+    staging: Annotated[str | None, typer.Option(help="Staging prefix (default DATASET/staging).")] = None,
+    shard_size: Annotated[int, typer.Option(min=1, help="Images per shard (target).")] = 5000,
+    resize: Annotated[int, typer.Option(min=8)] = 96,
+    quality: Annotated[int, typer.Option(min=1, max=100)] = 95,
+    train_ratio: Annotated[float, typer.Option(min=0, max=1)] = 0.9,
+    max_bad_fraction: Annotated[float, typer.Option(min=0, max=1)] = 0.01,
+    as_json: JsonFlag = False,
+) -> None:
+    """The whole data plane, shard by shard through S3 staging, exactly as the DAG runs it."""
+    from tagflow import pipeline
+    from tagflow.pack import PackParams
+
+    spec = pipeline.DatasetSpec(
+        list_uri=list_file,
+        dataset_uri=dataset,
+        num_labels=num_labels,
+        source_uri=source,
+        labels_uri=labels,
+        staging_uri=staging,
+        shard_size=shard_size,
+        pack=PackParams(resize=resize, quality=quality, train_ratio=train_ratio),
+        max_bad_fraction=max_bad_fraction,
+    )
+
+    def on_stage(name: str, seconds: float, _: dict) -> None:
+        print(f"{name}: {seconds:.2f}s", file=sys.stderr, flush=True)
+
+    summary = pipeline.run(spec, on_stage=on_stage)
+    _emit(as_json, summary, _describe_run(summary))
+
+
+def _describe_run(summary: dict[str, Any]) -> str:
+    counts = summary["counts"]
+    lines = [
+        f"dataset {summary['dataset']}: {counts['train']} train, {counts['val']} val, {counts['skipped']} skipped "
+        f"of {counts['listed']} listed",
+        *(f"  {uri}" for uri in summary["uris"].values()),
+        "  time: " + ", ".join(f"{k} {v:.2f}s" for k, v in summary["seconds"].items()),
+    ]
+    return "\n".join(lines)
+
+
+@app.command("demo-data")
+def demo_data(
+    bucket_uri: Annotated[
+        str, typer.Argument(help="s3://BUCKET/PREFIX for images/ and lists/.")
+    ] = "s3://tagflow-raw/designs",
+    count: Annotated[int, typer.Option("--count", min=1, help="Images to generate.")] = 2000,
+    seed: Annotated[int, typer.Option(help="Generator seed; the same seed gives the same bytes.")] = 0,
+    as_json: JsonFlag = False,
+) -> None:
+    """Generate synthetic graphic designs with 50 learnable labels, upload them and a seed-format list file."""
+    from tagflow import demo, s3
+
+    dataset = demo.publish(count, s3.S3Uri.parse(bucket_uri), seed=seed)
+    info = dataset.to_dict()
+    _emit(as_json, info, "\n".join(f"{k}: {v}" for k, v in info.items()))
+
+
+@app.command("demo")
+def demo_command(
+    count: Annotated[int, typer.Option("--count", min=1, help="Images to generate.")] = 2000,
+    as_json: JsonFlag = False,
+) -> None:
+    """The main job on one machine: local S3 server, demo data, then the whole data plane. (`make demo`.)"""
+    from tagflow import demo, pipeline, s3
+    from tagflow.local import s3server
+
+    info = s3server.start()
+    os.environ.update(info.env())
+    print(f"local S3 server at {info.endpoint} (credentials in {info.state_dir}/s3.env)", file=sys.stderr)
+    raw = s3.S3Uri("tagflow-raw", "designs")
+    started = time.perf_counter()
+    data = demo.publish(count, raw, seed=0)
+    generated = time.perf_counter() - started
+    spec = pipeline.DatasetSpec(
+        list_uri=data.list_uri,
+        source_uri=data.images_uri,
+        labels_uri=data.labels_uri,
+        dataset_uri="s3://tagflow-data/demo",
+        num_labels=len(demo.LABEL_NAMES),
+        shard_size=500,
+    )
+    summary = pipeline.run(spec, on_stage=lambda n, s, _: print(f"{n}: {s:.2f}s", file=sys.stderr, flush=True))
+    summary["seconds"] = {"demo-data": round(generated, 3), **summary["seconds"]}
+    _emit(as_json, summary, _describe_run(summary))
+
+
+@s3_app.command("start")
+def s3_start(as_json: JsonFlag = False) -> None:
+    """Start the local S3 server (or report the one already running); prints its endpoint."""
+    from tagflow.local import s3server
+
+    info = s3server.start()
+    _emit(
+        as_json,
+        {"endpoint": info.endpoint, "pid": info.pid, "env_file": f"{info.state_dir}/s3.env"},
+        f"local S3 server at {info.endpoint} (pid {info.pid}); `source {info.state_dir}/s3.env` to use it",
+    )
+
+
+@s3_app.command("stop")
+def s3_stop() -> None:
+    """Stop the local S3 server (its data stays)."""
+    from tagflow.local import s3server
+
+    typer.echo("stopped" if s3server.stop() else "not running")
+
+
+@s3_app.command("status")
+def s3_status(as_json: JsonFlag = False) -> None:
+    """Say whether the local S3 server runs; exit 1 if it does not."""
+    from tagflow.local import s3server
+
+    info = s3server.status()
+    if info is None:
+        _emit(as_json, {"running": False}, "not running")
+        raise typer.Exit(1)
+    _emit(
+        as_json,
+        {"running": True, "endpoint": info.endpoint, "pid": info.pid},
+        f"running at {info.endpoint} (pid {info.pid})",
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: user errors become one message and an exit status, never a traceback."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        result = app(args=argv, prog_name="tagflow", standalone_mode=False)
+        return result if isinstance(result, int) else 0
+    except click.exceptions.Exit as done:
+        return done.exit_code
+    except click.ClickException as err:
+        err.show()
+        return err.exit_code
+    except click.Abort:
+        print("tagflow: interrupted", file=sys.stderr)
+        return 130
+    except TagflowError as err:
+        print(f"tagflow: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except (BotoCoreError, ClientError) as err:
+        print(f"tagflow: S3 error: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,372 @@
+"""The data plane as the DAG runs it: list file → shard plan → per-shard download and pack → publish.
+
+Tasks may run on different workers, so nothing passes between stages on a local disk: every stage reads its
+inputs from S3 and writes its outputs to S3, under a staging prefix keyed by content:
+
+    STAGING/plans/<plan_id>/list.lst        the validated list, normalized, sorted by ID
+    STAGING/plans/<plan_id>/plan.json       the shard plan and the spec it was made for
+    STAGING/downloads/<shard digest>.tar    one shard's images (stored at paths.local_relpath) + _tagflow/download.json
+    STAGING/packed/<labels digest>-<pack params digest>.tar
+                                            one shard packed: train.rec/.idx, val.rec/.idx + pack.json
+
+Each staged object is written whole by one PUT, so it either exists complete or not at all; a stage whose
+output already exists does nothing. Because shard digests cover (ID, path, source ETag) and packed digests cover
+labels and pack parameters too, a later run over a grown list fetches and packs only the shards that changed.
+
+`publish` merges the packed shards in shard order into the seed's layout:
+
+    DATASET/training/train.rec, train.idx     DATASET/validation/val.rec, val.idx     DATASET/training/manifest.json
+
+and applies the bad-object threshold over the whole list before anything is uploaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import tarfile
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tagflow import manifest, s3
+from tagflow.errors import InputError, check_bad_fraction
+from tagflow.listfile import ListFile, default_label_names, parse_list, read_label_names, write_list
+from tagflow.pack import PackParams, pack
+from tagflow.paths import local_path
+from tagflow.recordio import merge_records
+from tagflow.shards import ShardPlan, plan_shards
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val")
+SPLIT_FOLDER = {"train": "training", "val": "validation"}
+REPORT_MEMBER = "_tagflow/download.json"
+PACK_MEMBER = "pack.json"
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """Everything that decides a dataset's bytes; plain values so Airflow can template and serialize it."""
+
+    list_uri: str
+    dataset_uri: str
+    num_labels: int
+    source_uri: str | None = None
+    labels_uri: str | None = None
+    staging_uri: str | None = None
+    shard_size: int = 5000
+    pack: PackParams = field(default_factory=PackParams)
+    max_bad_fraction: float = 0.01
+    download_workers: int = 32
+    pack_workers: int | None = None
+
+    @property
+    def staging(self) -> s3.S3Uri:
+        return (
+            s3.S3Uri.parse(self.staging_uri) if self.staging_uri else s3.S3Uri.parse(self.dataset_uri).join("staging")
+        )
+
+    @property
+    def source(self) -> s3.S3Uri | None:
+        return s3.S3Uri.parse(self.source_uri) if self.source_uri else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "pack": self.pack.to_dict()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DatasetSpec:
+        return cls(**{**data, "pack": PackParams(**data.get("pack", {}))})
+
+
+@dataclass(frozen=True)
+class PlanRef:
+    """What XCom carries between stages: where the plan is, and how many shards it has."""
+
+    plan_uri: str
+    list_uri: str
+    num_images: int
+    num_shards: int
+    shard_size: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _digest(*parts: str) -> str:
+    return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:20]
+
+
+def read_location(location: str, client=None) -> tuple[bytes, str]:
+    """The bytes of a local file or an `s3://` object, and the name to use in messages."""
+    if location.startswith("s3://"):
+        uri = s3.S3Uri.parse(location)
+        client = client or s3.make_client()
+        try:
+            return client.get_object(Bucket=uri.bucket, Key=uri.key)["Body"].read(), location
+        except client.exceptions.NoSuchKey:
+            raise InputError(f"{location}: no such object") from None
+    path = Path(location)
+    if not path.is_file():
+        raise InputError(f"{location}: no such file")
+    return path.read_bytes(), location
+
+
+def load_label_names(spec: DatasetSpec, client=None) -> list[str]:
+    if not spec.labels_uri:
+        return default_label_names(spec.num_labels)
+    data, name = read_location(spec.labels_uri, client)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "labels.txt"
+        path.write_bytes(data)
+        try:
+            return read_label_names(path, spec.num_labels)
+        except InputError as err:
+            raise InputError(str(err).replace(str(path), name)) from None
+
+
+def _put_bytes(client, uri: s3.S3Uri, data: bytes) -> None:
+    client.put_object(
+        Bucket=uri.bucket,
+        Key=uri.key,
+        Body=data,
+        Metadata={s3.SHA256_METADATA_KEY: hashlib.sha256(data).hexdigest()},
+    )
+
+
+def _exists(client, uri: s3.S3Uri) -> bool:
+    return s3.object_sha256(client, uri) is not None
+
+
+def prepare(spec: DatasetSpec, client=None) -> PlanRef:
+    """Validate the list file, look up source ETags, plan shards, and stage the plan. Fails before any download."""
+    client = client or s3.make_client()
+    raw, name = read_location(spec.list_uri, client)
+    listfile = parse_list(raw, spec.num_labels, name=name).sorted_by_id()
+    etags = _source_etags(client, listfile, spec.source)
+    plan = plan_shards(listfile, spec.shard_size, etags=etags)
+    plan_id = _digest(listfile.sha256, json.dumps(plan.to_dict(), sort_keys=True))
+    base = spec.staging.join("plans", plan_id)
+    with tempfile.TemporaryDirectory() as tmp:
+        lst = Path(tmp) / "list.lst"
+        write_list(listfile, lst)
+        s3.put_file(client, lst, base.join("list.lst"))
+    doc = {"spec": spec.to_dict(), "list_sha256": listfile.sha256, "plan": plan.to_dict()}
+    _put_bytes(client, base.join("plan.json"), json.dumps(doc, indent=1, sort_keys=True).encode())
+    log.info("planned %d images in %d shards (shard size %d)", len(listfile), len(plan.shards), plan.shard_size)
+    return PlanRef(
+        plan_uri=str(base.join("plan.json")),
+        list_uri=str(base.join("list.lst")),
+        num_images=len(listfile),
+        num_shards=len(plan.shards),
+        shard_size=plan.shard_size,
+    )
+
+
+def _source_etags(client, listfile: ListFile, source: s3.S3Uri | None) -> dict[str, str]:
+    """List path → ETag from one listing of the source prefix (1 request per 1,000 objects); "" if unlisted."""
+    if source is None:
+        return {}
+    listed = s3.list_objects(client, source)
+    etags = {}
+    for path in listfile.paths:
+        if path.startswith("s3://"):
+            continue
+        key = source.join(path).key
+        if key in listed:
+            etags[path] = listed[key][1]
+    return etags
+
+
+def _load_plan(client, ref: PlanRef, spec: DatasetSpec) -> tuple[ListFile, ShardPlan, dict[str, Any]]:
+    """The staged list (sorted by ID), its shard plan, and the plan document."""
+    doc = json.loads(read_location(ref.plan_uri, client)[0])
+    raw, _ = read_location(ref.list_uri, client)
+    listfile = parse_list(raw, spec.num_labels, name=ref.list_uri)
+    return listfile, ShardPlan.from_dict(doc["plan"]), doc
+
+
+def download_uri(spec: DatasetSpec, digest: str) -> s3.S3Uri:
+    return spec.staging.join("downloads", f"{digest}.tar")
+
+
+def packed_uri(spec: DatasetSpec, labels_digest: str) -> s3.S3Uri:
+    return spec.staging.join("packed", f"{labels_digest}-{spec.pack.digest()}.tar")
+
+
+def download_shard(spec: DatasetSpec, ref: PlanRef, index: int, client=None) -> dict[str, Any]:
+    """Fetch one shard's images from the source and stage them as one tar; reuse it if already staged."""
+    from tagflow.download import download
+
+    client = client or s3.make_client(pool_size=max(spec.download_workers, 10))
+    listfile, plan, _ = _load_plan(client, ref, spec)
+    shard = plan.shards[index]
+    target = download_uri(spec, shard.digest)
+    if _exists(client, target):
+        log.info("shard %d (%s) already staged at %s", index, shard.digest, target)
+        return {"index": index, "staged": str(target), "reused": True}
+    paths = listfile.paths[shard.start : shard.stop]
+    with tempfile.TemporaryDirectory(prefix="tagflow-dl-") as tmp:
+        root = Path(tmp) / "images"
+        report = download(
+            paths,
+            root,
+            source=spec.source,
+            client=client,
+            workers=spec.download_workers,
+            max_bad_fraction=1.0,
+        )
+        bundle = Path(tmp) / "shard.tar"
+        files = sorted({f for f in (local_path(root, p) for p in paths) if f.exists()})
+        _write_tar(bundle, root, files, {REPORT_MEMBER: report.to_dict()})
+        s3.put_file(client, bundle, target)
+    log.info("shard %d: %d fetched, %d errors, staged at %s", index, report.fetched, len(report.errors), target)
+    return {"index": index, "staged": str(target), "reused": False, "errors": len(report.errors)}
+
+
+def pack_shard(spec: DatasetSpec, ref: PlanRef, index: int, client=None) -> dict[str, Any]:
+    """Pack one staged shard into train/val RecordIO parts and stage them as one tar; reuse if already staged."""
+    client = client or s3.make_client()
+    listfile, plan, _ = _load_plan(client, ref, spec)
+    shard = plan.shards[index]
+    target = packed_uri(spec, shard.labels_digest)
+    if _exists(client, target):
+        log.info("shard %d already packed at %s", index, target)
+        return {"index": index, "staged": str(target), "reused": True}
+    with tempfile.TemporaryDirectory(prefix="tagflow-pack-") as tmp:
+        root = Path(tmp) / "images"
+        bundle = Path(tmp) / "shard.tar"
+        s3.get_file(client, download_uri(spec, shard.digest), bundle)
+        with tarfile.open(bundle) as tar:
+            tar.extractall(root, filter="data")
+        rows = range(shard.start, shard.stop)
+        items = [(int(listfile.ids[i]), listfile.labels[i], local_path(root, listfile.paths[i])) for i in rows]
+        out = Path(tmp) / "packed"
+        report = pack(items, out, spec.pack, workers=spec.pack_workers)
+        packed = Path(tmp) / "packed.tar"
+        members = [out / f"{split}.{ext}" for split in SPLITS for ext in ("rec", "idx")]
+        _write_tar(packed, out, members, {PACK_MEMBER: report.to_dict()})
+        s3.put_file(client, packed, target)
+    log.info("shard %d packed: %s", index, report.counts)
+    return {"index": index, "staged": str(target), "reused": False, "counts": report.counts}
+
+
+def _write_tar(path: Path, root: Path, files: list[Path], extra: dict[str, Any]) -> None:
+    """A reproducible tar: fixed order, zeroed times and owners, so identical content gives identical bytes."""
+
+    def clean(info: tarfile.TarInfo) -> tarfile.TarInfo:
+        info.mtime = 0
+        info.uid = info.gid = 0
+        info.uname = info.gname = ""
+        info.mode = 0o644
+        return info
+
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+        for file in files:
+            tar.add(file, arcname=file.relative_to(root).as_posix(), filter=clean)
+        for name, doc in extra.items():
+            data = json.dumps(doc, indent=1, sort_keys=True).encode()
+            info = clean(tarfile.TarInfo(name))
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def _read_member(tar_path: Path, name: str) -> dict[str, Any]:
+    with tarfile.open(tar_path) as tar:
+        member = tar.extractfile(name)
+        if member is None:
+            raise InputError(f"{tar_path}: staged bundle has no {name}")
+        return json.loads(member.read())
+
+
+def publish(spec: DatasetSpec, ref: PlanRef, client=None, *, code_revision: str | None = None) -> dict[str, Any]:
+    """Merge every packed shard into the dataset layout, check the bad-object threshold, upload, return a summary.
+
+    The manifest is uploaded last: a reader that finds it finds the .rec/.idx it describes.
+    """
+    client = client or s3.make_client()
+    listfile, plan, plan_doc = _load_plan(client, ref, spec)
+    dataset = s3.S3Uri.parse(spec.dataset_uri)
+    errors: list[dict[str, str]] = []
+    with tempfile.TemporaryDirectory(prefix="tagflow-publish-") as tmp:
+        work = Path(tmp)
+        parts: dict[str, list[tuple[Path, Path]]] = {split: [] for split in SPLITS}
+        for shard in plan.shards:
+            down = work / f"d{shard.index}.tar"
+            s3.get_file(client, download_uri(spec, shard.digest), down)
+            errors += _read_member(down, REPORT_MEMBER).get("errors", [])
+            down.unlink()
+            packed = work / f"p{shard.index}.tar"
+            s3.get_file(client, packed_uri(spec, shard.labels_digest), packed)
+            shard_dir = work / f"s{shard.index}"
+            with tarfile.open(packed) as tar:
+                tar.extractall(shard_dir, filter="data")
+            packed.unlink()
+            errors += json.loads((shard_dir / PACK_MEMBER).read_text()).get("errors", [])
+            for split in SPLITS:
+                parts[split].append((shard_dir / f"{split}.rec", shard_dir / f"{split}.idx"))
+        check_bad_fraction(errors, len(listfile), spec.max_bad_fraction)
+        for err in errors:
+            log.warning("skipped %s: %s", err.get("path"), err.get("reason"))
+        out = work / "out"
+        out.mkdir()
+        for split in SPLITS:
+            merge_records(parts[split], out / f"{split}.rec", out / f"{split}.idx")
+        doc = manifest.build(
+            out,
+            listfile=listfile,
+            label_names=load_label_names(spec, client),
+            pack_params=spec.pack,
+            errors=errors,
+            list_name=spec.list_uri,
+            list_sha256=plan_doc["list_sha256"],
+            revision=code_revision,
+        )
+        uris = upload_dataset(client, out, dataset)
+    return {"dataset": str(dataset), "uris": uris, "counts": doc["counts"], "errors": len(errors)}
+
+
+def upload_dataset(client, out_dir: Path, dataset: s3.S3Uri) -> dict[str, str]:
+    """Upload a packed folder to the seed's layout; unchanged objects are not rewritten; manifest last."""
+    layout = {
+        "train.rec": dataset.join("training", "train.rec"),
+        "train.idx": dataset.join("training", "train.idx"),
+        "val.rec": dataset.join("validation", "val.rec"),
+        "val.idx": dataset.join("validation", "val.idx"),
+        "manifest.json": dataset.join("training", "manifest.json"),
+    }
+    missing = [name for name in layout if not (out_dir / name).exists()]
+    if missing:
+        raise InputError(f"{out_dir}: missing {', '.join(missing)} (expected the output of `tagflow pack`)")
+    s3.ensure_bucket(client, dataset.bucket)
+    for name, uri in layout.items():
+        changed = s3.put_file(client, out_dir / name, uri)
+        log.info("%s %s", "uploaded" if changed else "unchanged", uri)
+    return {name: str(uri) for name, uri in layout.items()}
+
+
+def run(
+    spec: DatasetSpec, client=None, *, on_stage: Callable[[str, float, dict], None] | None = None
+) -> dict[str, Any]:
+    """All stages in order in this process (the CLI and `make demo`); the DAG runs the same functions as tasks."""
+    client = client or s3.make_client(pool_size=max(spec.download_workers, 10))
+    timings: dict[str, float] = {}
+
+    def stage(name: str, fn: Callable[[], Any]) -> Any:
+        started = time.perf_counter()
+        result = fn()
+        timings[name] = round(time.perf_counter() - started, 3)
+        if on_stage:
+            on_stage(name, timings[name], result if isinstance(result, dict) else {})
+        return result
+
+    ref = stage("prepare", lambda: prepare(spec, client))
+    stage("download", lambda: [download_shard(spec, ref, i, client) for i in range(ref.num_shards)])
+    stage("pack", lambda: [pack_shard(spec, ref, i, client) for i in range(ref.num_shards)])
+    summary = stage("publish", lambda: publish(spec, ref, client))
+    return {**summary, "plan": ref.to_dict(), "seconds": timings}
