@@ -1,0 +1,124 @@
+"""Benchmark: parse the seed-sized list file (155,000 lines x 334 labels, about 109 MB). Goal: <= 0.5 s.
+
+Generates a deterministic list in a temporary folder, then times in this one process:
+- `tagflow.listfile.parse_list` from the file (as the CLI calls it; includes reading it), best of 5;
+- the same on the bytes already in memory (parsing alone), best of 5;
+- a naive pure-Python per-line parser (split, int, list of labels) for comparison, best of 2.
+Prints a machine line, wall and CPU seconds, and the figure against the goal.
+
+    .venv/bin/python bench/bench_parse.py [--lines 155000] [--labels 334]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import tempfile
+import time
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+
+from tagflow.listfile import parse_list
+
+GOAL_SECONDS = 0.5
+
+
+def machine_line() -> str:
+    model = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        model = platform.processor() or model
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    load = "/".join(f"{x:.1f}" for x in os.getloadavg())
+    return (
+        f"machine: {model}, {os.cpu_count()} cores ({usable} usable), load {load}; "
+        f"Python {platform.python_version()}, numpy {np.__version__}"
+    )
+
+
+def generate(path: Path, lines: int, labels: int) -> None:
+    """A seed-like list: shuffled unique IDs, ~5 % positive labels, tab-separated, paths with a leading '/'."""
+    rng = np.random.default_rng(20240601)
+    ids = rng.permutation(np.arange(1_000_000, 1_000_000 + 3 * lines))[:lines]
+    cells = np.full((lines, 2 * labels), ord("\t"), np.uint8)
+    cells[:, ::2] = (rng.random((lines, labels)) < 0.05).astype(np.uint8) + ord("0")
+    block, width = cells.tobytes(), 2 * labels
+    path.write_bytes(
+        b"".join(
+            b"%d\t%b/designs/%03d/%d.jpg\n" % (i, block[k * width : (k + 1) * width], i % 1000, i)
+            for k, i in enumerate(ids.tolist())
+        )
+    )
+
+
+def naive_parse(path: Path, labels: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """What a first notebook version does: one line at a time, validating as it goes."""
+    ids, rows, paths = [], [], []
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            fields = line.rstrip("\r\n").split("\t")
+            if len(fields) != labels + 2:
+                raise ValueError(f"bad line {line[:40]!r}")
+            values = [int(v) for v in fields[1:-1]]
+            if any(v not in (0, 1) for v in values):
+                raise ValueError(f"bad label in {line[:40]!r}")
+            ids.append(int(fields[0]))
+            rows.append(values)
+            paths.append(fields[-1].lstrip("/"))
+    return np.array(ids, np.int64), np.array(rows, np.uint8), paths
+
+
+def best_of(runs: int, fn):
+    walls, cpus, result = [], [], None
+    for _ in range(runs):
+        wall, cpu = time.perf_counter(), time.process_time()
+        result = fn()
+        walls.append(time.perf_counter() - wall)
+        cpus.append(time.process_time() - cpu)
+    return min(walls), min(cpus), result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lines", type=int, default=155_000)
+    parser.add_argument("--labels", type=int, default=334)
+    args = parser.parse_args()
+
+    print(machine_line())
+    with tempfile.TemporaryDirectory(prefix="bench-parse-") as tmp:
+        path = Path(tmp) / "seed.lst"
+        generate(path, args.lines, args.labels)
+        size_mb = path.stat().st_size / 1e6
+        print(f"list: {args.lines:,} lines x {args.labels} labels, {size_mb:.1f} MB")
+
+        fast_wall, fast_cpu, lf = best_of(5, lambda: parse_list(path, args.labels))
+        raw = path.read_bytes()
+        mem_wall, mem_cpu, _ = best_of(5, partial(parse_list, raw, args.labels))
+        del raw
+        naive_wall, naive_cpu, (ids, labels, paths) = best_of(2, lambda: naive_parse(path, args.labels))
+        same = np.array_equal(lf.ids, ids) and np.array_equal(lf.labels, labels) and lf.paths == paths
+        if not same:
+            print("ERROR: parse_list and the naive parser disagree", file=sys.stderr)
+            return 1
+
+    print(f"naive per-line Python: {naive_wall:.2f} s wall, {naive_cpu:.2f} s CPU (best of 2)")
+    print(f"parse_list(file):      {fast_wall:.3f} s wall, {fast_cpu:.3f} s CPU (best of 5)")
+    print(f"parse_list(bytes):     {mem_wall:.3f} s wall, {mem_cpu:.3f} s CPU (best of 5, file already read)")
+    verdict = "meets" if fast_wall <= GOAL_SECONDS else "MISSES"
+    print(
+        f"figure: parse {args.lines:,} x {args.labels} ({size_mb:.0f} MB) in {fast_wall:.3f} s, "
+        f"{naive_wall / fast_wall:.1f}x the naive parser; goal <= {GOAL_SECONDS} s: {verdict}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
