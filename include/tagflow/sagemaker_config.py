@@ -1,0 +1,167 @@
+"""SageMaker request builders shared by both backends: AWS and the local algorithm environment.
+
+`training_job_request` returns the exact dict boto3's `create_training_job(**request)` takes; the local runner
+(`tagflow.local.runner.run_training_job`) takes the same dict, so a job description is written once. Job names are
+deterministic per (prefix, run key), within SageMaker's limits (training 63, tuning 32 characters,
+`[a-zA-Z0-9](-*[a-zA-Z0-9])*`), so a re-run of the same Airflow run finds its own job instead of starting another.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from tagflow.errors import InputError
+from tagflow.s3 import S3Uri
+
+RECORDIO = "application/x-recordio"
+CHANNELS = ("train", "validation")
+TRAINING_NAME_MAX = 63
+TUNING_NAME_MAX = 32
+_NAME_RE = re.compile(r"[a-zA-Z0-9](-*[a-zA-Z0-9])*")
+_ROLE_RE = re.compile(r"arn:aws[a-z\-]*:iam::\d{12}:role/?[a-zA-Z_0-9+=,.@\-_/]+")
+
+# The built-in image-classification algorithm's metric regexes (what SageMaker fills into MetricDefinitions for it);
+# the local trainer logs the same lines, so the local runner reads its metrics with these very patterns.
+METRIC_DEFINITIONS: tuple[dict[str, str], ...] = (
+    {"Name": "train:accuracy", "Regex": r"Epoch\S* Train-accuracy=(\S*)"},
+    {"Name": "validation:accuracy", "Regex": r"Epoch\S* Validation-accuracy=(\S*)"},
+    {"Name": "train:accuracy:epoch", "Regex": r"Epoch\S* Train-accuracy=(\S*)"},
+    {"Name": "validation:accuracy:epoch", "Regex": r"Epoch\S* Validation-accuracy=(\S*)"},
+)
+# Extra metrics only the local trainer logs (multi-label quality the built-in does not report).
+LOCAL_METRIC_DEFINITIONS: tuple[dict[str, str], ...] = (
+    {"Name": "validation:mAP", "Regex": r"Epoch\S* Validation-mAP=(\S*)"},
+    {"Name": "validation:micro_f1", "Regex": r"Epoch\S* Validation-micro_f1=(\S*)"},
+    {"Name": "validation:macro_f1", "Regex": r"Epoch\S* Validation-macro_f1=(\S*)"},
+)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"-+", "-", re.sub(r"[^a-zA-Z0-9]+", "-", text)).strip("-")
+
+
+def job_name(prefix: str, run_key: str, *, max_len: int = TRAINING_NAME_MAX) -> str:
+    """`PREFIX-RUNKEY-HASH8` cut to `max_len`: readable, and distinct for distinct keys (hash of the raw key).
+
+    `run_key` is whatever identifies the run (an Airflow run ID, a date, a trial number).
+    """
+    digest = hashlib.sha256(f"{prefix}\0{run_key}".encode()).hexdigest()[:8]
+    head = _slug(f"{_slug(prefix)}-{_slug(run_key)}")
+    room = max_len - len(digest) - 1
+    if room < 1:
+        raise InputError(f"job name limit {max_len}: too short for a name with an 8-character hash")
+    head = head[:room].rstrip("-")
+    name = f"{head}-{digest}" if head else digest
+    if not name[0].isalnum():
+        name = name.lstrip("-")
+    return name
+
+
+def training_job_name(prefix: str, run_key: str) -> str:
+    """A CreateTrainingJob name (≤ 63 characters)."""
+    return job_name(prefix, run_key, max_len=TRAINING_NAME_MAX)
+
+
+def tuning_job_name(prefix: str, run_key: str) -> str:
+    """A CreateHyperParameterTuningJob name (≤ 32 characters)."""
+    return job_name(prefix, run_key, max_len=TUNING_NAME_MAX)
+
+
+def hyperparameter_strings(hyperparameters: Mapping[str, Any]) -> dict[str, str]:
+    """Hyperparameters as SageMaker passes them: every value a string; None means "use the default" and is left out.
+
+    Booleans become `True`/`False` (the built-in's `early_stopping` spelling), sequences `a,b,c` (`image_shape`,
+    `lr_scheduler_step`).
+    """
+    out: dict[str, str] = {}
+    for name, value in hyperparameters.items():
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            text = str(value)
+        elif isinstance(value, (list, tuple)):
+            text = ",".join(str(v) for v in value)
+        elif isinstance(value, (str, int, float)):
+            text = str(value)
+        else:
+            raise InputError(
+                f"HyperParameters.{name}: {value!r} is a {type(value).__name__}; expected str, number or list"
+            )
+        if len(name) > 256 or len(text) > 2500:
+            raise InputError(f"HyperParameters.{name}: names are limited to 256 and values to 2,500 characters")
+        out[str(name)] = text
+    return out
+
+
+def _check(condition: bool, field: str, message: str) -> None:
+    if not condition:
+        raise InputError(f"{field}: {message}")
+
+
+def training_job_request(
+    job_name: str,
+    *,
+    image_uri: str,
+    role_arn: str,
+    train_uri: str,
+    validation_uri: str,
+    output_uri: str,
+    hyperparameters: Mapping[str, Any],
+    instance_type: str = "ml.p3.2xlarge",
+    instance_count: int = 1,
+    volume_gb: int = 50,
+    max_runtime_s: int = 86_400,
+) -> dict[str, Any]:
+    """A CreateTrainingJob request for the built-in image-classification algorithm on RecordIO channels.
+
+    File input mode, channels `train` and `validation` (S3Prefix, FullyReplicated, application/x-recordio). The
+    model lands at `output_uri/JOB_NAME/output/model.tar.gz`, on SageMaker and locally alike.
+    """
+    _check(
+        1 <= len(job_name) <= TRAINING_NAME_MAX and _NAME_RE.fullmatch(job_name) is not None,
+        "TrainingJobName",
+        f"{job_name!r} must be 1-{TRAINING_NAME_MAX} letters, digits and inner hyphens (see training_job_name)",
+    )
+    _check(_ROLE_RE.fullmatch(role_arn) is not None, "RoleArn", f"{role_arn!r} is not an IAM role ARN")
+    _check(bool(image_uri), "AlgorithmSpecification.TrainingImage", "empty image URI")
+    for field, uri in (
+        ("train", train_uri),
+        ("validation", validation_uri),
+        ("OutputDataConfig.S3OutputPath", output_uri),
+    ):
+        try:
+            S3Uri.parse(uri)
+        except InputError as err:
+            raise InputError(f"{field}: {err}") from None
+    _check(isinstance(instance_count, int) and instance_count >= 1, "ResourceConfig.InstanceCount", "expected ≥ 1")
+    _check(isinstance(volume_gb, int) and volume_gb >= 1, "ResourceConfig.VolumeSizeInGB", "expected ≥ 1")
+    _check(
+        isinstance(max_runtime_s, int) and max_runtime_s >= 1,
+        "StoppingCondition.MaxRuntimeInSeconds",
+        f"{max_runtime_s!r}: expected a whole number of seconds ≥ 1",
+    )
+    channels = [
+        {
+            "ChannelName": name,
+            "DataSource": {
+                "S3DataSource": {"S3DataType": "S3Prefix", "S3Uri": uri, "S3DataDistributionType": "FullyReplicated"}
+            },
+            "ContentType": RECORDIO,
+            "CompressionType": "None",
+            "InputMode": "File",
+        }
+        for name, uri in zip(CHANNELS, (train_uri, validation_uri), strict=True)
+    ]
+    return {
+        "TrainingJobName": job_name,
+        "AlgorithmSpecification": {"TrainingImage": image_uri, "TrainingInputMode": "File"},
+        "RoleArn": role_arn,
+        "HyperParameters": hyperparameter_strings(hyperparameters),
+        "InputDataConfig": channels,
+        "OutputDataConfig": {"S3OutputPath": output_uri},
+        "ResourceConfig": {"InstanceType": instance_type, "InstanceCount": instance_count, "VolumeSizeInGB": volume_gb},
+        "StoppingCondition": {"MaxRuntimeInSeconds": max_runtime_s},
+    }
