@@ -52,3 +52,23 @@ def mxnet_python() -> Path:
     if not MXNET_PYTHON.exists():
         pytest.fail(f"{MXNET_PYTHON} is missing: run `make venvs` (make test does) to create the algorithm environment")
     return MXNET_PYTHON
+
+
+@pytest.fixture(scope="session")
+def mxnet_records(mxnet_python):
+    """Run algo/mxnet_records.py (MXNet's own RecordIO code) in the algorithm environment; returns its JSON."""
+    import json
+    import subprocess
+
+    def run(*args: str, stdin: str | None = None) -> dict:
+        done = subprocess.run(
+            [str(mxnet_python), str(REPO / "algo" / "mxnet_records.py"), *args],
+            input=stdin,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert done.returncode == 0, f"mxnet_records.py {' '.join(args)} failed:\n{done.stderr[-3000:]}"
+        return json.loads(done.stdout)
+
+    return run

@@ -1,0 +1,402 @@
+"""The packer: im2rec geometry, image decoding edge cases, splits, determinism, and MXNet reading what we wrote."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw, ImageOps
+
+from tagflow.errors import InputError
+from tagflow.pack import (
+    ImageError,
+    PackParams,
+    encode_image,
+    pack,
+    pack_with_im2rec,
+    split_of,
+    target_geometry,
+)
+from tagflow.recordio import RecordReader, unpack_payload
+
+N_LABELS = 5
+PARAMS = PackParams(train_ratio=0.6)  # both splits get images even from a handful
+
+
+def design(width: int, height: int, seed: int = 0) -> Image.Image:
+    """A smooth, asymmetric 'graphic design': left-to-right gradient, a block top-left, a disc lower right."""
+    rng = np.random.default_rng(seed)
+    x = np.linspace(0, 1, width)[None, :, None]
+    y = np.linspace(0, 1, height)[:, None, None]
+    base = rng.integers(30, 120, size=3)
+    pixels = base + x * np.array([150, 60, 20]) + y * np.array([0, 70, 110])
+    image = Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    draw.rectangle((width * 0.05, height * 0.05, width * 0.4, height * 0.3), fill=(240, 240, 40))
+    draw.ellipse((width * 0.55, height * 0.55, width * 0.9, height * 0.9), fill=(20, 30, 200))
+    return image
+
+
+def _save(image: Image.Image, path: Path, **kwargs) -> Path:
+    image.save(path, **kwargs)
+    return path
+
+
+def _exif(orientation: int) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return exif.tobytes()
+
+
+# name -> (how to make it in folder d, upright size (w, h), expected im2rec --resize 96 size)
+GOOD = {
+    "rgb_256.jpg": (lambda d: _save(design(256, 256, 1), d / "rgb_256.jpg", quality=92), (96, 96)),
+    "land.jpg": (lambda d: _save(design(300, 200, 2), d / "land.jpg", quality=92), (144, 96)),
+    "port.jpg": (lambda d: _save(design(200, 300, 3), d / "port.jpg", quality=92), (96, 144)),
+    "odd.jpg": (lambda d: _save(design(257, 301, 4), d / "odd.jpg", quality=92), (96, 112)),
+    "small.jpg": (lambda d: _save(design(50, 40, 5), d / "small.jpg", quality=92), (120, 96)),
+    "progressive.jpg": (lambda d: _save(design(256, 200, 6), d / "progressive.jpg", progressive=True), (122, 96)),
+    "wide.png": (lambda d: _save(design(700, 90, 7), d / "wide.png"), (746, 96)),
+    "gray.jpg": (lambda d: _save(design(240, 200, 8).convert("L"), d / "gray.jpg", quality=92), (115, 96)),
+    "gray.png": (lambda d: _save(design(200, 240, 9).convert("L"), d / "gray.png"), (96, 115)),
+    "rgba.png": (
+        lambda d: _save(
+            Image.merge("RGBA", (*design(200, 180, 10).split(), Image.linear_gradient("L").resize((200, 180)))),
+            d / "rgba.png",
+        ),
+        (106, 96),
+    ),
+    "palette.png": (lambda d: _save(design(180, 200, 11).convert("P"), d / "palette.png"), (96, 106)),
+    "cmyk.jpg": (lambda d: _save(design(220, 200, 12).convert("CMYK"), d / "cmyk.jpg", quality=95), (105, 96)),
+    "exif6.jpg": (lambda d: _save(design(300, 200, 13), d / "exif6.jpg", quality=92, exif=_exif(6)), (96, 144)),
+    "png16.png": (
+        lambda d: _save(
+            Image.fromarray(np.asarray(design(200, 200, 14).convert("L"), dtype=np.uint16) * 257), d / "png16.png"
+        ),
+        (96, 96),
+    ),
+}
+
+
+def _truncated(d: Path) -> Path:
+    data = io.BytesIO()
+    design(256, 256, 20).save(data, "JPEG", quality=92)
+    return _save_bytes(d / "truncated.jpg", data.getvalue()[: len(data.getvalue()) // 2])
+
+
+def _save_bytes(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+BAD = {
+    "empty.jpg": (lambda d: _save_bytes(d / "empty.jpg", b""), "empty file (0 bytes)"),
+    "corrupt.jpg": (lambda d: _save_bytes(d / "corrupt.jpg", b"\xff\xd8\xff\xe0" + bytes(range(256)) * 4), "not a"),
+    "notimage.txt": (lambda d: _save_bytes(d / "notimage.txt", b"hello, world\n"), "not a decodable image"),
+    "truncated.jpg": (_truncated, "not a decodable image"),
+    "missing.jpg": (lambda d: d / "missing.jpg", "cannot read file"),
+}
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("images")
+    return {name: make(folder) for name, (make, *_) in {**GOOD, **BAD}.items()}
+
+
+@pytest.fixture(scope="module")
+def items(images) -> list[tuple[int, np.ndarray, Path]]:
+    """(ID, labels, path) for every image, IDs deliberately not in name order."""
+    rng = np.random.default_rng(7)
+    names = sorted(images)
+    return [
+        (int(1000 + (i * 37) % 101), rng.integers(0, 2, size=N_LABELS).astype(np.uint8), images[name])
+        for i, name in enumerate(names)
+    ]
+
+
+def _reference(data: bytes, size: tuple[int, int], params: PackParams = PARAMS) -> np.ndarray:
+    """Pillow's reading of the file (orientation, RGB, 16-bit high byte) resized with Lanczos: an independent path."""
+    with Image.open(io.BytesIO(data)) as image:
+        image = ImageOps.exif_transpose(image)
+        if image.mode.startswith("I"):
+            image = Image.fromarray((np.asarray(image) >> 8).astype(np.uint8))
+        image = image.convert("RGB")
+        box, _ = target_geometry(*image.size, params)
+        return np.asarray(image.resize(size, Image.Resampling.LANCZOS, box=box), dtype=np.float64)
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return 10 * np.log10(255.0**2 / max(mse, 1e-9))
+
+
+def _decode(data: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as image:
+        assert image.mode == "RGB"
+        return np.asarray(image)
+
+
+@pytest.mark.parametrize(
+    ("size", "params", "box", "out"),
+    [
+        ((300, 200), PackParams(), (0, 0, 300, 200), (144, 96)),
+        ((200, 300), PackParams(), (0, 0, 200, 300), (96, 144)),
+        ((257, 301), PackParams(), (0, 0, 257, 301), (96, 112)),  # 301 * 96 // 257 = 112 (floor, as im2rec)
+        ((50, 40), PackParams(), (0, 0, 50, 40), (120, 96)),  # small images are enlarged, as im2rec does
+        ((96, 96), PackParams(), (0, 0, 96, 96), (96, 96)),
+        ((300, 200), PackParams(resize=0), (0, 0, 300, 200), (300, 200)),
+        ((300, 200), PackParams(center_crop=True), (50, 0, 250, 200), (96, 96)),
+        ((200, 301), PackParams(center_crop=True), (0, 50, 200, 250), (96, 96)),
+        ((201, 300), PackParams(center_crop=True, resize=0), (0, 49, 201, 250), (201, 201)),
+    ],
+)
+def test_target_geometry_is_im2rec_s(size, params, box, out):
+    assert target_geometry(*size, params) == (box, out)
+
+
+@pytest.mark.parametrize("name", sorted(GOOD))
+def test_encode_image_size_and_content(images, name):
+    data = images[name].read_bytes()
+    encoded = encode_image(data, PARAMS)
+    assert encoded[:3] == b"\xff\xd8\xff"
+    pixels = _decode(encoded)
+    expected = GOOD[name][1]
+    assert (pixels.shape[1], pixels.shape[0], pixels.shape[2]) == (*expected, 3)
+    assert _psnr(pixels, _reference(data, expected)) > 30
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_is_applied(tmp_path, orientation):
+    buffer = io.BytesIO()
+    design(240, 160, orientation).save(buffer, "JPEG", quality=92, exif=_exif(orientation))
+    data = buffer.getvalue()
+    upright = (160, 240) if orientation >= 5 else (240, 160)
+    _, size = target_geometry(*upright, PARAMS)
+    pixels = _decode(encode_image(data, PARAMS))
+    assert (pixels.shape[1], pixels.shape[0]) == size
+    assert _psnr(pixels, _reference(data, size)) > 30
+
+
+@pytest.mark.parametrize("name", ["land.jpg", "port.jpg", "odd.jpg", "png16.png", "exif6.jpg"])
+def test_center_crop(images, name):
+    params = PackParams(center_crop=True)
+    data = images[name].read_bytes()
+    pixels = _decode(encode_image(data, params))
+    assert pixels.shape == (96, 96, 3)
+    assert _psnr(pixels, _reference(data, (96, 96), params)) > 30
+
+
+def test_png_encoding(images):
+    data = images["land.jpg"].read_bytes()
+    encoded = encode_image(data, PackParams(encoding=".png", quality=6))
+    assert encoded[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(io.BytesIO(encoded)) as image:
+        assert (image.size, image.mode) == ((144, 96), "RGB")
+        assert _psnr(np.asarray(image), _reference(data, (144, 96))) > 30
+
+
+@pytest.mark.parametrize("name", sorted(set(BAD) - {"missing.jpg"}))
+def test_undecodable_input_raises_image_error(images, name):
+    with pytest.raises(ImageError) as caught:
+        encode_image(images[name].read_bytes(), PARAMS)
+    assert caught.value.reason.startswith(BAD[name][1])
+
+
+def test_split_is_a_stable_function_of_the_id():
+    # Pinned: a change here would move images between train and val on the next run.
+    assert "".join(split_of(i, 0.5)[0] for i in range(12)) == "vvtvtvtvvvvv"
+    # The split is blake2b-64 of the decimal ID, as a fraction compared with the ratio.
+    for image_id in (7, 8, 2**63):
+        digest = hashlib.blake2b(str(image_id).encode(), digest_size=8).digest()
+        fraction = int.from_bytes(digest, "big") / 2**64
+        assert split_of(image_id, fraction + 1e-9) == "train" and split_of(image_id, fraction - 1e-9) == "val"
+    ids = range(20_000)
+    assert abs(sum(split_of(i, 0.9) == "train" for i in ids) / len(ids) - 0.9) < 0.01
+    assert {split_of(i, 1.0) for i in ids} == {"train"}
+    assert {split_of(i, 0.0) for i in ids} == {"val"}
+
+
+def test_pack_params_validation_and_digest():
+    assert PackParams().digest() == PackParams().digest()
+    assert PackParams().digest() != PackParams(quality=90).digest()
+    assert PackParams().to_dict() == {
+        "resize": 96,
+        "center_crop": False,
+        "quality": 95,
+        "encoding": ".jpg",
+        "train_ratio": 0.9,
+    }
+    for bad, message in [
+        (dict(encoding=".gif"), "encoding '.gif'"),
+        (dict(quality=0), "JPEG quality must be 1..100"),
+        (dict(encoding=".png"), "PNG compression level must be 0..9"),
+        (dict(resize=-1), "resize -1"),
+        (dict(train_ratio=1.5), "train ratio 1.5"),
+    ]:
+        with pytest.raises(InputError, match=message):
+            PackParams(**bad)
+
+
+def _read(out_dir: Path, split: str) -> list[tuple[int, int, list[float], tuple[int, ...]]]:
+    """(idx key, header id, labels, decoded shape) for every record, in file order."""
+    rows = []
+    with RecordReader(out_dir / f"{split}.rec", out_dir / f"{split}.idx") as reader:
+        offsets = {offset: key for key, offset in reader.index.items()}
+        for offset, payload in reader:
+            header, labels, image = unpack_payload(payload)
+            rows.append((offsets[offset], header.id, labels.tolist(), _decode(image).shape))
+    return rows
+
+
+@pytest.fixture(scope="module")
+def packed(items, tmp_path_factory):
+    out = tmp_path_factory.mktemp("native")
+    progress = []
+    report = pack(items, out, PARAMS, workers=2, progress=lambda done, total: progress.append((done, total)))
+    return out, report, progress
+
+
+def test_pack_writes_sorted_records_and_reports_bad_images(items, packed):
+    out, report, progress = packed
+    by_id = {image_id: (labels, path) for image_id, labels, path in items}
+    bad_ids = {image_id for image_id, _, path in items if path.name in BAD}
+    assert sorted((e.image_id, Path(e.path).name) for e in report.errors) == sorted(
+        (image_id, by_id[image_id][1].name) for image_id in bad_ids
+    )
+    for error in report.errors:
+        assert error.reason.startswith(BAD[Path(error.path).name][1])
+    seen = set()
+    for split in ("train", "val"):
+        rows = _read(out, split)
+        keys = [row[0] for row in rows]
+        assert keys == sorted(keys) and len(keys) == report.counts[split] > 0
+        for key, header_id, labels, shape in rows:
+            assert split_of(key, PARAMS.train_ratio) == split and header_id == key
+            assert labels == by_id[key][0].tolist()
+            assert (shape[1], shape[0]) == GOOD[by_id[key][1].name][1]
+        expected_counts = np.sum([by_id[k][0] for k in keys], axis=0).tolist()
+        assert report.label_counts[split] == expected_counts
+        seen |= set(keys)
+    assert seen == set(by_id) - bad_ids
+    assert progress[-1] == (len(items), len(items))
+
+
+def test_pack_output_is_identical_across_runs_and_worker_counts(items, packed, tmp_path):
+    out, _, _ = packed
+    for workers in (1, 3):
+        again = pack(items, tmp_path / str(workers), PARAMS, workers=workers)
+        assert again.counts == packed[1].counts
+        for name in ("train.rec", "train.idx", "val.rec", "val.idx"):
+            assert (tmp_path / str(workers) / name).read_bytes() == (out / name).read_bytes(), name
+
+
+def test_pack_rejects_duplicate_ids_and_uneven_labels(images, tmp_path):
+    path = images["land.jpg"]
+    with pytest.raises(ValueError, match="image ID 5 appears twice"):
+        pack([(5, [1, 0], path), (5, [0, 1], path)], tmp_path)
+    with pytest.raises(ValueError, match=r"image 6 .*: 3 labels, expected 2"):
+        pack([(5, [1, 0], path), (6, [0, 1, 1], path)], tmp_path)
+    assert not (tmp_path / "train.rec").exists()
+
+
+def test_pack_of_nothing_writes_empty_files(tmp_path):
+    report = pack([], tmp_path)
+    assert report.counts == {"train": 0, "val": 0} and report.errors == []
+    assert all((tmp_path / name).read_bytes() == b"" for name in ("train.rec", "train.idx", "val.rec", "val.idx"))
+
+
+# --- MXNet's own readers and im2rec, in the algorithm environment ---------------------------------------------
+
+
+@pytest.mark.mxnet
+def test_mxnet_indexed_reader_reads_our_records(items, packed, mxnet_records):
+    out, report, _ = packed
+    by_id = {image_id: (labels, path) for image_id, labels, path in items}
+    for split in ("train", "val"):
+        records = mxnet_records("indexed", str(out / f"{split}.rec"), str(out / f"{split}.idx"))["records"]
+        assert [r["key"] for r in records] == sorted(r["key"] for r in records)
+        assert len(records) == report.counts[split]
+        for r in records:
+            labels, path = by_id[r["key"]]
+            assert (r["id"], r["id2"], r["flag"]) == (r["key"], 0, N_LABELS)
+            assert r["labels"] == labels.tolist()
+            width, height = GOOD[path.name][1]
+            assert r["shape"] == [height, width, 3]
+
+
+@pytest.mark.mxnet
+def test_mxnet_image_record_iter_reads_our_labels(items, packed, mxnet_records):
+    out, _, _ = packed
+    by_id = {image_id: labels for image_id, labels, _ in items}
+    batch_size = 4
+    result = mxnet_records(
+        "iter", str(out / "train.rec"), "--label-width", str(N_LABELS), "--batch-size", str(batch_size)
+    )
+    got = []
+    for batch in result["batches"]:
+        assert batch["shape"] == [batch_size, 3, 96, 96]
+        got += batch["labels"][: batch_size - batch["pad"]]
+    keys = [row[0] for row in _read(out, "train")]
+    assert got == [by_id[k].tolist() for k in keys]
+
+
+@pytest.fixture(scope="module")
+def packed_im2rec(items, tmp_path_factory, mxnet_python):
+    out = tmp_path_factory.mktemp("im2rec")
+    return out, pack_with_im2rec(items, out, PARAMS, workers=2)
+
+
+@pytest.mark.mxnet
+def test_im2rec_engine_matches_native(items, packed, packed_im2rec):
+    native_out, native, _ = packed
+    mx_out, mx = packed_im2rec
+    by_id = {image_id: path.name for image_id, _, path in items}
+    # im2rec (cv2) packs a truncated JPEG, filling the missing part with grey; the native engine rejects it.
+    native_failed = {e.image_id for e in native.errors}
+    mx_failed = {e.image_id for e in mx.errors}
+    assert native_failed - mx_failed == {i for i, name in by_id.items() if name == "truncated.jpg"}
+    assert mx_failed <= native_failed
+    for error in mx.errors:
+        assert error.reason  # im2rec's own message, or that it skipped silently
+    for split in ("train", "val"):
+        ours = {row[0]: row for row in _read(native_out, split)}
+        theirs = {row[0]: row for row in _read(mx_out, split)}
+        assert set(ours) == set(theirs) - {i for i in theirs if by_id[i] == "truncated.jpg"}
+        for key, row in ours.items():
+            assert theirs[key][1:] == row[1:], by_id[key]  # same header ID, labels and decoded shape
+        # Same pixels, up to resize filters and JPEG: checks orientation, CMYK, alpha, grey and 16-bit like cv2.
+        with (
+            RecordReader(native_out / f"{split}.rec", native_out / f"{split}.idx") as a,
+            RecordReader(mx_out / f"{split}.rec", mx_out / f"{split}.idx") as b,
+        ):
+            for key in ours:
+                pa, pb = (_decode(unpack_payload(r.read(key))[2]) for r in (a, b))
+                assert _psnr(pa, pb) > 25, by_id[key]
+
+
+@pytest.mark.mxnet
+def test_our_reader_reads_im2rec_output_as_mxnet_does(packed_im2rec, mxnet_records):
+    mx_out, mx = packed_im2rec
+    for split in ("train", "val"):
+        theirs = mxnet_records("indexed", str(mx_out / f"{split}.rec"), str(mx_out / f"{split}.idx"))["records"]
+        with RecordReader(mx_out / f"{split}.rec", mx_out / f"{split}.idx") as reader:
+            assert reader.keys() == [r["key"] for r in theirs]
+            for r in theirs:
+                payload = reader.read(r["key"])
+                header, labels, _ = unpack_payload(payload)
+                assert hashlib.sha256(payload).hexdigest() == r["sha256"]
+                assert (header.flag, header.id, labels.tolist()) == (r["flag"], r["id"], r["labels"])
+            assert len([1 for _ in reader]) == mx.counts[split]
+
+
+@pytest.mark.mxnet
+@pytest.mark.slow
+def test_im2rec_output_does_not_depend_on_thread_count(items, packed_im2rec, tmp_path):
+    mx_out, _ = packed_im2rec
+    pack_with_im2rec(items, tmp_path, PARAMS, workers=3)
+    for name in ("train.rec", "train.idx", "val.rec", "val.idx"):
+        assert (tmp_path / name).read_bytes() == (mx_out / name).read_bytes(), name
