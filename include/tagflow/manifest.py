@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from tagflow import __version__
+from tagflow.recordio import read_index
 
 if TYPE_CHECKING:
     from tagflow.listfile import ListFile
@@ -48,11 +49,6 @@ def code_revision() -> str:
     return f"{head}-dirty" if dirty else head
 
 
-def _idx_keys(idx: Path) -> np.ndarray:
-    text = idx.read_text()
-    return np.array([int(line.split("\t", 1)[0]) for line in text.splitlines() if line], dtype=np.int64)
-
-
 def build(
     out_dir: Path,
     *,
@@ -72,7 +68,7 @@ def build(
     counts: dict[str, int] = {}
     label_counts: dict[str, dict[str, int]] = {}
     for split in ("train", "val"):
-        keys = _idx_keys(out_dir / f"{split}.idx")
+        keys = list(read_index(out_dir / f"{split}.idx"))
         counts[split] = len(keys)
         rows = [row_of[int(k)] for k in keys]
         per_label = listfile.labels[rows].sum(axis=0) if rows else np.zeros(len(label_names), dtype=np.int64)

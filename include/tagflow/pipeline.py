@@ -30,6 +30,7 @@ import tarfile
 import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,9 +39,9 @@ from tagflow import manifest, s3
 from tagflow.errors import InputError, check_bad_fraction
 from tagflow.listfile import ListFile, default_label_names, parse_list, read_label_names, write_list
 from tagflow.pack import PackParams, pack
-from tagflow.paths import local_path
+from tagflow.paths import local_path, source_uri
 from tagflow.recordio import merge_records
-from tagflow.shards import ShardPlan, plan_shards
+from tagflow.shards import Shard, ShardPlan, plan_shards
 
 log = logging.getLogger(__name__)
 
@@ -144,18 +145,30 @@ def _exists(client, uri: s3.S3Uri) -> bool:
 
 
 def prepare(spec: DatasetSpec, client=None) -> PlanRef:
-    """Validate the list file, look up source ETags, plan shards, and stage the plan. Fails before any download."""
+    """Validate the list file, look up source sizes and ETags, plan shards, and stage the plan.
+
+    Fails on a bad list before anything is downloaded. The source prefix is listed once here (one request per
+    1,000 objects); each shard's sizes and ETags are staged beside the plan, so download tasks need no listing.
+    """
     client = client or s3.make_client()
     raw, name = read_location(spec.list_uri, client)
     listfile = parse_list(raw, spec.num_labels, name=name).sorted_by_id()
-    etags = _source_etags(client, listfile, spec.source)
-    plan = plan_shards(listfile, spec.shard_size, etags=etags)
+    known = _source_objects(client, listfile, spec.source)
+    plan = plan_shards(listfile, spec.shard_size, etags={path: etag for path, (_, etag) in known.items()})
     plan_id = _digest(listfile.sha256, json.dumps(plan.to_dict(), sort_keys=True))
     base = spec.staging.join("plans", plan_id)
     with tempfile.TemporaryDirectory() as tmp:
         lst = Path(tmp) / "list.lst"
         write_list(listfile, lst)
         s3.put_file(client, lst, base.join("list.lst"))
+
+    def stage_objects(shard: Shard) -> None:
+        paths = listfile.paths[shard.start : shard.stop]
+        doc = {path: known[path] for path in paths if path in known}
+        _put_bytes(client, _objects_uri(base, shard.index), json.dumps(doc, sort_keys=True).encode())
+
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(stage_objects, plan.shards))
     doc = {"spec": spec.to_dict(), "list_sha256": listfile.sha256, "plan": plan.to_dict()}
     _put_bytes(client, base.join("plan.json"), json.dumps(doc, indent=1, sort_keys=True).encode())
     log.info("planned %d images in %d shards (shard size %d)", len(listfile), len(plan.shards), plan.shard_size)
@@ -168,19 +181,21 @@ def prepare(spec: DatasetSpec, client=None) -> PlanRef:
     )
 
 
-def _source_etags(client, listfile: ListFile, source: s3.S3Uri | None) -> dict[str, str]:
-    """List path → ETag from one listing of the source prefix (1 request per 1,000 objects); "" if unlisted."""
+def _objects_uri(plan_base: s3.S3Uri, index: int) -> s3.S3Uri:
+    return plan_base.join("objects", f"{index:05d}.json")
+
+
+def _source_objects(client, listfile: ListFile, source: s3.S3Uri | None) -> dict[str, tuple[int, str]]:
+    """List path → (size, ETag) from one listing of the source prefix; paths not found there are left out."""
     if source is None:
         return {}
     listed = s3.list_objects(client, source)
-    etags = {}
+    known = {}
     for path in listfile.paths:
-        if path.startswith("s3://"):
-            continue
-        key = source.join(path).key
-        if key in listed:
-            etags[path] = listed[key][1]
-    return etags
+        uri = source_uri(path, source)
+        if uri.bucket == source.bucket and uri.key in listed:
+            known[path] = listed[uri.key]
+    return known
 
 
 def _load_plan(client, ref: PlanRef, spec: DatasetSpec) -> tuple[ListFile, ShardPlan, dict[str, Any]]:
@@ -244,16 +259,22 @@ def pack_shard(spec: DatasetSpec, ref: PlanRef, index: int, client=None) -> dict
         s3.get_file(client, download_uri(spec, shard.digest), bundle)
         with tarfile.open(bundle) as tar:
             tar.extractall(root, filter="data")
-        rows = range(shard.start, shard.stop)
-        items = [(int(listfile.ids[i]), listfile.labels[i], local_path(root, listfile.paths[i])) for i in rows]
+        # Images the download stage already reported as bad are not packed (and not reported twice).
+        failed = {e["path"] for e in _read_member(bundle, REPORT_MEMBER).get("errors", [])}
+        rows = [i for i in range(shard.start, shard.stop) if listfile.paths[i] not in failed]
+        files = {i: local_path(root, listfile.paths[i]) for i in rows}
+        items = [(int(listfile.ids[i]), listfile.labels[i], files[i]) for i in rows]
         out = Path(tmp) / "packed"
-        report = pack(items, out, spec.pack, workers=spec.pack_workers)
+        report = pack(items, out, spec.pack, workers=spec.pack_workers).to_dict()
+        list_path = {str(files[i]): listfile.paths[i] for i in rows}
+        for err in report["errors"]:  # name the image as the list does, not by its temporary file
+            err["path"] = list_path.get(err["path"], err["path"])
         packed = Path(tmp) / "packed.tar"
         members = [out / f"{split}.{ext}" for split in SPLITS for ext in ("rec", "idx")]
-        _write_tar(packed, out, members, {PACK_MEMBER: report.to_dict()})
+        _write_tar(packed, out, members, {PACK_MEMBER: report})
         s3.put_file(client, packed, target)
-    log.info("shard %d packed: %s", index, report.counts)
-    return {"index": index, "staged": str(target), "reused": False, "counts": report.counts}
+    log.info("shard %d packed: %s", index, report["counts"])
+    return {"index": index, "staged": str(target), "reused": False, "counts": report["counts"]}
 
 
 def _write_tar(path: Path, root: Path, files: list[Path], extra: dict[str, Any]) -> None:
