@@ -300,6 +300,7 @@ def demo_command(
     os.environ.update(info.env())
     print(f"local S3 server at {info.endpoint} (credentials in {info.state_dir}/s3.env)", file=sys.stderr)
     raw = s3.S3Uri("tagflow-raw", "designs")
+    s3.ensure_bucket(s3.make_client(), "tagflow-data")
     started = time.perf_counter()
     data = demo.publish(count, raw, seed=0)
     generated = time.perf_counter() - started
@@ -355,6 +356,7 @@ def s3_status(as_json: JsonFlag = False) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: user errors become one message and an exit status, never a traceback."""
+    from boto3.exceptions import Boto3Error
     from botocore.exceptions import BotoCoreError, ClientError
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -372,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     except TagflowError as err:
         print(f"tagflow: error: {err}", file=sys.stderr)
         return err.exit_code
-    except (BotoCoreError, ClientError) as err:
+    except (BotoCoreError, ClientError, Boto3Error) as err:
         print(f"tagflow: S3 error: {err}", file=sys.stderr)
         return 1
 

@@ -153,6 +153,8 @@ def prepare(spec: DatasetSpec, client=None) -> PlanRef:
     client = client or s3.make_client()
     raw, name = read_location(spec.list_uri, client)
     listfile = parse_list(raw, spec.num_labels, name=name).sorted_by_id()
+    for bucket in {spec.staging.bucket, s3.S3Uri.parse(spec.dataset_uri).bucket}:
+        s3.require_bucket(client, bucket)
     known = _source_objects(client, listfile, spec.source)
     plan = plan_shards(listfile, spec.shard_size, etags={path: etag for path, (_, etag) in known.items()})
     plan_id = _digest(listfile.sha256, json.dumps(plan.to_dict(), sort_keys=True))
@@ -364,7 +366,7 @@ def upload_dataset(client, out_dir: Path, dataset: s3.S3Uri) -> dict[str, str]:
     missing = [name for name in layout if not (out_dir / name).exists()]
     if missing:
         raise InputError(f"{out_dir}: missing {', '.join(missing)} (expected the output of `tagflow pack`)")
-    s3.ensure_bucket(client, dataset.bucket)
+    s3.require_bucket(client, dataset.bucket)
     for name, uri in layout.items():
         changed = s3.put_file(client, out_dir / name, uri)
         log.info("%s %s", "uploaded" if changed else "unchanged", uri)

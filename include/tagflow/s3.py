@@ -151,6 +151,19 @@ def ensure_bucket(client: S3Client, bucket: str) -> None:
         client.create_bucket(Bucket=bucket)
 
 
+def require_bucket(client: S3Client, bucket: str) -> None:
+    """Fail with a clear message unless `bucket` exists and is reachable with these credentials."""
+    from botocore.exceptions import ClientError
+
+    try:
+        client.head_bucket(Bucket=bucket)
+    except ClientError as err:
+        code = err.response.get("Error", {}).get("Code", "")
+        if code in ("404", "NoSuchBucket", "NotFound"):
+            raise InputError(f"bucket {bucket!r} does not exist: create it first (aws s3 mb s3://{bucket})") from None
+        raise InputError(f"bucket {bucket!r} is not accessible with these credentials ({code or err})") from None
+
+
 def list_objects(client: S3Client, uri: S3Uri) -> dict[str, tuple[int, str]]:
     """Every object under the prefix `uri` as {key: (size, etag)}; one request per 1,000 keys."""
     found: dict[str, tuple[int, str]] = {}
