@@ -86,12 +86,12 @@ def parse(
     as_json: JsonFlag = False,
 ) -> None:
     """Validate a list file (ID, N labels of 0/1, path per line); exit 2 with LIST:LINE errors if it is bad."""
-    from tagflow.listfile import default_label_names, parse_list, read_label_names, write_list
-    from tagflow.pipeline import read_location
+    from tagflow.listfile import parse_list, write_list
+    from tagflow.pipeline import load_label_names, read_location
 
     raw, name = read_location(list_file)
     listfile = parse_list(raw, num_labels, name=name).sorted_by_id()
-    names = read_label_names(Path(labels), num_labels) if labels else default_label_names(num_labels)
+    names = load_label_names(labels, num_labels)
     if out:
         write_list(listfile, out)
     counts = listfile.label_counts()
@@ -168,9 +168,9 @@ def pack(
     from tagflow import manifest
     from tagflow import pack as packing
     from tagflow.errors import InputError, TooManyFailures, check_bad_fraction
-    from tagflow.listfile import default_label_names, parse_list, read_label_names
+    from tagflow.listfile import parse_list
     from tagflow.paths import local_path
-    from tagflow.pipeline import read_location
+    from tagflow.pipeline import load_label_names, read_location
 
     if engine not in ("native", "mxnet"):
         raise InputError(f"--engine {engine!r}: expected 'native' or 'mxnet'")
@@ -179,7 +179,7 @@ def pack(
     )
     raw, name = read_location(list_file)
     listfile = parse_list(raw, num_labels, name=name).sorted_by_id()
-    names = read_label_names(Path(labels), num_labels) if labels else default_label_names(num_labels)
+    names = load_label_names(labels, num_labels)
     items = [
         (int(i), listfile.labels[row], local_path(root, listfile.paths[row])) for row, i in enumerate(listfile.ids)
     ]

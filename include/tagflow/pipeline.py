@@ -118,17 +118,18 @@ def read_location(location: str, client=None) -> tuple[bytes, str]:
     return path.read_bytes(), location
 
 
-def load_label_names(spec: DatasetSpec, client=None) -> list[str]:
-    if not spec.labels_uri:
-        return default_label_names(spec.num_labels)
-    data, name = read_location(spec.labels_uri, client)
+def load_label_names(location: str | None, num_labels: int, client=None) -> list[str]:
+    """Label names from a file or `s3://` object (one per line, column order); numbered names when None."""
+    if not location:
+        return default_label_names(num_labels)
+    data, name = read_location(location, client)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "labels.txt"
         path.write_bytes(data)
         try:
-            return read_label_names(path, spec.num_labels)
+            return read_label_names(path, num_labels)
         except InputError as err:
-            raise InputError(str(err).replace(str(path), name)) from None
+            raise type(err)(str(err).replace(str(path), name)) from None
 
 
 def _put_bytes(client, uri: s3.S3Uri, data: bytes) -> None:
@@ -343,7 +344,7 @@ def publish(spec: DatasetSpec, ref: PlanRef, client=None, *, code_revision: str 
         doc = manifest.build(
             out,
             listfile=listfile,
-            label_names=load_label_names(spec, client),
+            label_names=load_label_names(spec.labels_uri, spec.num_labels, client),
             pack_params=spec.pack,
             errors=errors,
             list_name=spec.list_uri,
