@@ -133,3 +133,22 @@ def test_module_entry_point_matches_console_script():
     script = Path(sys.executable).parent / "tagflow"
     assert script.exists()
     assert subprocess.run([str(script), "--help"], capture_output=True, check=False).returncode == 0
+
+
+def test_demo_runs_the_main_job_on_its_own_server(tmp_path):
+    from tagflow.local import s3server
+
+    home = tmp_path / "home"
+    env = {"TAGFLOW_HOME": str(home)}
+    for key in ("AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        env[key] = ""  # the demo must find its own server, not the test session's
+    try:
+        done = tagflow("demo", "--count", "60", "--json", env=env)
+        assert done.returncode == 0, done.stderr
+        summary = json.loads(done.stdout)
+        assert summary["counts"]["train"] + summary["counts"]["val"] == 60
+        assert summary["uris"]["train.rec"] == "s3://tagflow-data/demo/training/train.rec"
+        assert set(summary["seconds"]) == {"demo-data", "prepare", "download", "pack", "publish"}
+        assert s3server.status(home / "s3") is not None  # left running for the user to look at
+    finally:
+        s3server.stop(home / "s3")
