@@ -22,8 +22,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -37,6 +35,7 @@ import boto3
 import numpy as np
 from PIL import Image
 
+from machine import machine_line
 from tagflow import s3
 from tagflow.download import download
 from tagflow.local import s3server
@@ -44,18 +43,6 @@ from tagflow.local import s3server
 BUCKET = "bench-download"
 PREFIX = "images/"
 HERE = Path(__file__).resolve().parent
-
-
-def machine_line() -> str:
-    model = "unknown CPU"
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            model = line.split(":", 1)[1].strip()
-            break
-    return (
-        f"machine: {model}, {os.cpu_count()} cores, Python {platform.python_version()}, "
-        f"boto3 {boto3.__version__}, {platform.system()} {platform.release()}"
-    )
 
 
 def make_objects(count: int, seed: int = 0) -> dict[str, bytes]:
@@ -220,7 +207,7 @@ def main() -> None:
         parser.error(f"--skip: only bare+write and download_file can be left out, not {sorted(skipped)}")
     args.variants = [n for n in ("sequential", "tagflow", "bare", "bare+write", "download_file") if n not in skipped]
 
-    print(machine_line())
+    print(machine_line(boto3=boto3.__version__))
     with tempfile.TemporaryDirectory(prefix="bench-download-") as tmp:
         scratch = Path(tmp)
         info = s3server.start(scratch / "s3")
@@ -247,7 +234,9 @@ def main() -> None:
                 seq_keys = keys[: args.latency_seq_objects]
                 results["latency"] = measure(label, info, endpoint, keys, seq_keys, args, dest_root)
             if args.json:
-                print(json.dumps({"machine": machine_line(), "workers": args.workers, **results}))
+                print(
+                    json.dumps({"machine": machine_line(boto3=boto3.__version__), "workers": args.workers, **results})
+                )
         finally:
             if proxy is not None:
                 proxy.terminate()

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
-import platform
 import resource
 import subprocess
 import sys
@@ -22,9 +21,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import cv2
 import numpy as np
+import simplejpeg
 from PIL import Image, ImageDraw
 
+from machine import machine_line
 from tagflow.pack import PackParams, mxnet_python, pack, pack_with_im2rec
 from tagflow.recordio import RecordReader, unpack_payload
 
@@ -119,19 +121,6 @@ def startup_seconds() -> tuple[float, float]:
     return sorted(walls)[1], sorted(cpus)[1]
 
 
-def machine_line() -> str:
-    model = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    cores = multiprocessing.cpu_count()
-    return f"machine: {model}, {cores} cores, Python {platform.python_version()}, {platform.system()}"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=20_000)
@@ -189,7 +178,7 @@ def main() -> None:
     )
     goal = rate_native / rate_steady >= 2.5 and psnr_native >= psnr_mxnet
     print(f"goal ≥ 2.5× at no worse PSNR: {'met' if goal else 'NOT met'}")
-    print(machine_line())
+    print(machine_line(simplejpeg=simplejpeg.__version__, opencv=cv2.__version__))
 
 
 if __name__ == "__main__":

@@ -12,8 +12,6 @@ Prints a machine line, wall and CPU seconds, and the figure against the goal.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -22,26 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
+from machine import machine_line
 from tagflow.listfile import parse_list
 
 GOAL_SECONDS = 0.5
-
-
-def machine_line() -> str:
-    model = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        model = platform.processor() or model
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    load = "/".join(f"{x:.1f}" for x in os.getloadavg())
-    return (
-        f"machine: {model}, {os.cpu_count()} cores ({usable} usable), load {load}; "
-        f"Python {platform.python_version()}, numpy {np.__version__}"
-    )
 
 
 def generate(path: Path, lines: int, labels: int) -> None:
@@ -92,7 +74,7 @@ def main() -> int:
     parser.add_argument("--labels", type=int, default=334)
     args = parser.parse_args()
 
-    print(machine_line())
+    print(machine_line(numpy=np.__version__))
     with tempfile.TemporaryDirectory(prefix="bench-parse-") as tmp:
         path = Path(tmp) / "seed.lst"
         generate(path, args.lines, args.labels)
