@@ -382,3 +382,15 @@ def test_written_list_is_read_by_mxnet_im2rec(tmp_path, mxnet_python):
     result = subprocess.run([mxnet_python, "-c", script, out], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == [[12, "dir/a b.jpg", 1.0, 0.0, 1.0], [5, "s3://bkt/c.jpg", 0.0, 0.0, 1.0]]
+
+
+def test_infer_num_labels_counts_the_first_line_and_parse_checks_the_rest():
+    from tagflow.listfile import infer_num_labels
+
+    assert infer_num_labels(b"7\t0\t1\t1\ta.jpg\n") == 3
+    assert infer_num_labels(b"\xef\xbb\xbf7 0 1 a.jpg\r\n8 1 0 b.jpg\r\n") == 2
+    with pytest.raises(ListFileError, match=r"x\.lst:1: cannot tell the label count"):
+        infer_num_labels(b"7\ta.jpg\n", name="x.lst")
+    data = b"1\t0\t1\ta.jpg\n2\t0\tb.jpg\n"
+    with pytest.raises(ListFileError, match=r"x\.lst:2: "):
+        parse_list(data, infer_num_labels(data), name="x.lst")

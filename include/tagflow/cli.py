@@ -33,6 +33,10 @@ app.add_typer(s3_app, name="s3")
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout instead of a sentence.")]
 NumLabels = Annotated[int, typer.Option("--num-labels", "-n", min=1, help="Label columns per line (50 or 334).")]
+MaybeNumLabels = Annotated[
+    int | None,
+    typer.Option("--num-labels", "-n", min=1, help="Label columns per line (default: counted on the first line)."),
+]
 LabelsOpt = Annotated[
     str | None,
     typer.Option("--labels", help="Label names, one per line in column order (file or s3:// URI)."),
@@ -116,7 +120,7 @@ def parse(
 def download(
     list_file: Annotated[str, typer.Argument(help="The list file: a local path or s3:// URI.")],
     dest: Annotated[Path, typer.Option(help="Local folder for the mirror (the --root of `tagflow pack`).")],
-    num_labels: NumLabels,
+    num_labels: MaybeNumLabels = None,
     source: Annotated[str | None, typer.Option(help="s3://BUCKET/PREFIX that relative list paths are under.")] = None,
     workers: Annotated[int, typer.Option(min=1, max=256, help="Concurrent requests.")] = 32,
     max_bad_fraction: Annotated[float, typer.Option(min=0, max=1, help="Fail above this share of bad objects.")] = 0.01,
@@ -124,12 +128,12 @@ def download(
 ) -> None:
     """Mirror the images a list file names into DEST; already present, unchanged objects are not fetched again."""
     from tagflow import download as dl
-    from tagflow.listfile import parse_list
+    from tagflow.listfile import infer_num_labels, parse_list
     from tagflow.pipeline import read_location
     from tagflow.s3 import S3Uri
 
     raw, name = read_location(list_file)
-    listfile = parse_list(raw, num_labels, name=name)
+    listfile = parse_list(raw, num_labels or infer_num_labels(raw, name=name), name=name)
     with _progress("download") as update:
         report = dl.download(
             listfile.paths,
@@ -152,7 +156,7 @@ def pack(
     list_file: Annotated[str, typer.Option("--list", help="The list file: a local path or s3:// URI.")],
     root: Annotated[Path, typer.Option(help="Folder the list paths are relative to (a leading / is tolerated).")],
     out_dir: Annotated[Path, typer.Option(help="Writes train.rec/.idx, val.rec/.idx and manifest.json here.")],
-    num_labels: NumLabels,
+    num_labels: MaybeNumLabels = None,
     labels: LabelsOpt = None,
     resize: Annotated[int, typer.Option(min=8, help="Shorter side in pixels, like im2rec --resize.")] = 96,
     center_crop: Annotated[bool, typer.Option(help="Crop the centre square first: exact RESIZE×RESIZE.")] = False,
@@ -168,7 +172,7 @@ def pack(
     from tagflow import manifest
     from tagflow import pack as packing
     from tagflow.errors import InputError, TooManyFailures, check_bad_fraction
-    from tagflow.listfile import parse_list
+    from tagflow.listfile import infer_num_labels, parse_list
     from tagflow.paths import local_path
     from tagflow.pipeline import load_label_names, read_location
 
@@ -178,6 +182,7 @@ def pack(
         resize=resize, center_crop=center_crop, quality=quality, encoding=encoding, train_ratio=train_ratio
     )
     raw, name = read_location(list_file)
+    num_labels = num_labels or infer_num_labels(raw, name=name)
     listfile = parse_list(raw, num_labels, name=name).sorted_by_id()
     names = load_label_names(labels, num_labels)
     items = [

@@ -118,6 +118,24 @@ def parse_list(source: bytes | str | Path, num_labels: int, *, name: str | None 
 # ---------------------------------------------------------------------------------------------------- parsing
 
 
+def infer_num_labels(data: bytes, *, name: str = "<list>") -> int:
+    """The label count a list's first line implies (fields − 2), for verbs that only need the paths.
+
+    Every line is then validated against it by `parse_list`, so a file whose lines disagree still fails there.
+    """
+    first = data[len(_BOM) :] if data.startswith(_BOM) else data
+    line = first.split(b"\n", 1)[0].rstrip(b"\r")
+    fields = line.split(b"\t") if b"\t" in line else line.split()
+    if len(fields) < 3:
+        raise ListFileError(
+            [
+                f"{name}:1: cannot tell the label count: expected 'ID<TAB>label...<TAB>path', "
+                f"found {len(fields)} field(s); pass --num-labels"
+            ]
+        )
+    return len(fields) - 2
+
+
 def _line_bounds(data: bytes, arr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Start and end (exclusive, before the \\n) of every line; a final \\n ends the last line, a BOM is skipped."""
     # In blocks through one reused buffer: a whole-file boolean temporary costs more in page faults than compares.
