@@ -165,3 +165,110 @@ def training_job_request(
         "ResourceConfig": {"InstanceType": instance_type, "InstanceCount": instance_count, "VolumeSizeInGB": volume_gb},
         "StoppingCondition": {"MaxRuntimeInSeconds": max_runtime_s},
     }
+
+
+# --- hyperparameter tuning -------------------------------------------------------------------------------------
+
+TUNING_STRATEGIES = ("Bayesian", "Random")
+SCALING_TYPES = ("Auto", "Linear", "Logarithmic", "ReverseLogarithmic")
+EARLY_STOPPING_TYPES = ("Off", "Auto")
+
+
+def parameter_ranges(ranges: Mapping[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """SageMaker's ParameterRanges from `{name: spec}`.
+
+    A spec is a list of values (Categorical) or a mapping `{"type": "Continuous" | "Integer", "min": ..,
+    "max": .., "scaling": "Auto" | "Linear" | "Logarithmic" | "ReverseLogarithmic"}` (scaling defaults to Auto).
+    Values become strings, as the API wants them.
+    """
+    out: dict[str, list[dict[str, Any]]] = {
+        "IntegerParameterRanges": [],
+        "ContinuousParameterRanges": [],
+        "CategoricalParameterRanges": [],
+    }
+    for name, spec in ranges.items():
+        if isinstance(spec, (list, tuple)):
+            _check(len(spec) >= 1, f"ParameterRanges.{name}", "a categorical range needs at least one value")
+            values = [hyperparameter_strings({name: value})[name] for value in spec]
+            out["CategoricalParameterRanges"].append({"Name": name, "Values": values})
+            continue
+        _check(isinstance(spec, Mapping), f"ParameterRanges.{name}", f"{spec!r}: expected a list or a mapping")
+        kind = spec.get("type")
+        _check(kind in ("Continuous", "Integer"), f"ParameterRanges.{name}.type", f"{kind!r}: Continuous or Integer")
+        scaling = spec.get("scaling", "Auto")
+        _check(scaling in SCALING_TYPES, f"ParameterRanges.{name}.scaling", f"{scaling!r}: one of {SCALING_TYPES}")
+        low, high = spec.get("min"), spec.get("max")
+        _check(
+            all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high)),
+            f"ParameterRanges.{name}",
+            f"min={low!r}, max={high!r}: expected numbers",
+        )
+        _check(low <= high, f"ParameterRanges.{name}", f"min={low!r} is greater than max={high!r}")
+        if kind == "Integer":
+            _check(int(low) == low and int(high) == high, f"ParameterRanges.{name}", "expected whole-number bounds")
+            low, high = int(low), int(high)
+        out[f"{kind}ParameterRanges"].append(
+            {"Name": name, "MinValue": str(low), "MaxValue": str(high), "ScalingType": scaling}
+        )
+    return out
+
+
+def tuning_job_request(
+    tuning_name: str,
+    *,
+    training: Mapping[str, Any],
+    ranges: Mapping[str, Any],
+    strategy: str = "Bayesian",
+    max_jobs: int = 10,
+    max_parallel: int = 1,
+    early_stopping: str = "Off",
+    objective_metric: str = "validation:accuracy",
+    objective_type: str = "Maximize",
+    random_seed: int | None = None,
+) -> dict[str, Any]:
+    """A CreateHyperParameterTuningJob request tuning `ranges` around the `training` job (training_job_request's
+    output): its hyperparameters not being tuned become StaticHyperParameters, its TrainingJobName is dropped
+    (SageMaker names the trials). boto3's `create_hyperparameter_tuning_job(**request)` and the local
+    `tagflow.local.tuner.run_tuning_job` take the same dict.
+    """
+    _check(
+        1 <= len(tuning_name) <= TUNING_NAME_MAX and _NAME_RE.fullmatch(tuning_name) is not None,
+        "HyperParameterTuningJobName",
+        f"{tuning_name!r} must be 1-{TUNING_NAME_MAX} letters, digits and inner hyphens (see tuning_job_name)",
+    )
+    _check(strategy in TUNING_STRATEGIES, "Strategy", f"{strategy!r}: expected one of {TUNING_STRATEGIES}")
+    _check(
+        early_stopping in EARLY_STOPPING_TYPES,
+        "TrainingJobEarlyStoppingType",
+        f"{early_stopping!r}: expected one of {EARLY_STOPPING_TYPES}",
+    )
+    _check(objective_type in ("Maximize", "Minimize"), "HyperParameterTuningJobObjective.Type", "Maximize or Minimize")
+    _check(isinstance(max_jobs, int) and max_jobs >= 1, "ResourceLimits.MaxNumberOfTrainingJobs", "expected ≥ 1")
+    _check(
+        isinstance(max_parallel, int) and max_parallel >= 1, "ResourceLimits.MaxParallelTrainingJobs", "expected ≥ 1"
+    )
+    _check(bool(ranges), "ParameterRanges", "nothing to tune: give at least one range")
+    static = {k: v for k, v in training.get("HyperParameters", {}).items() if k not in ranges}
+    definition: dict[str, Any] = {
+        "StaticHyperParameters": static,
+        "AlgorithmSpecification": dict(training["AlgorithmSpecification"]),
+        "RoleArn": training["RoleArn"],
+        "InputDataConfig": training["InputDataConfig"],
+        "OutputDataConfig": training["OutputDataConfig"],
+        "ResourceConfig": training["ResourceConfig"],
+        "StoppingCondition": training["StoppingCondition"],
+    }
+    config: dict[str, Any] = {
+        "Strategy": strategy,
+        "HyperParameterTuningJobObjective": {"Type": objective_type, "MetricName": objective_metric},
+        "ResourceLimits": {"MaxNumberOfTrainingJobs": max_jobs, "MaxParallelTrainingJobs": max_parallel},
+        "ParameterRanges": parameter_ranges(ranges),
+        "TrainingJobEarlyStoppingType": early_stopping,
+    }
+    if random_seed is not None:
+        config["RandomSeed"] = random_seed
+    return {
+        "HyperParameterTuningJobName": tuning_name,
+        "HyperParameterTuningJobConfig": config,
+        "TrainingJobDefinition": definition,
+    }

@@ -1,0 +1,402 @@
+"""Run a SageMaker CreateHyperParameterTuningJob request on this machine: trials are local training jobs.
+
+`run_tuning_job(request, workdir=...)` takes the dict `tagflow.sagemaker_config.tuning_job_request` builds (the one
+boto3's `create_hyperparameter_tuning_job` takes) and:
+
+1. validates it against botocore's SageMaker service model, then what the local backend supports (strategy
+   Bayesian or Random, one TrainingJobDefinition, ranges over hyperparameters the algorithm knows, with range ends
+   the algorithm accepts — checked with the trainer's own plain-Python spec, algo/ic_hyperparams.py): a bad request
+   raises `InputError` naming the field;
+2. searches with Optuna: Bayesian → TPESampler, Random → RandomSampler, both seeded with `RandomSeed` (default: a
+   number derived from the tuning job's name, so a re-run proposes the same trials);
+3. runs up to MaxNumberOfTrainingJobs trials, MaxParallelTrainingJobs at a time (threads; each trial is its own
+   trainer process), named like SageMaker's `TUNINGNAME-NNN-HASH8`, in `WORKDIR/TUNINGNAME/`;
+4. reads each trial's objective from its FinalMetricDataList and returns (and saves as
+   `WORKDIR/TUNINGNAME/describe.json`) a DescribeHyperParameterTuningJob-shaped dict plus `TrainingJobSummaries`,
+   shaped like ListTrainingJobsForHyperParameterTuningJob's.
+
+Ranges and ScalingType: Continuous → `suggest_float`, Integer → `suggest_int`, Categorical → `suggest_categorical`.
+Linear and Auto sample uniformly (SageMaker's Auto may pick log scale on its own; locally it stays linear, which is
+predictable); Logarithmic samples uniformly in log space (`log=True`, needs MinValue > 0). ReverseLogarithmic (for
+values close to 1, e.g. momentum; SageMaker needs 0 ≤ MinValue < MaxValue < 1) samples y = 1 − x log-uniformly over
+[1 − MaxValue, 1 − MinValue] and returns x = 1 − y, so values crowd near MaxValue.
+
+Early stopping: `TrainingJobEarlyStoppingType: Auto` is accepted but does not stop a trial locally: the runner
+(`run_training_job`) has no per-epoch callback nor a stop handle, and a SIGTERM'd trainer exits 143, which the
+runner reports as Failed. Each trial's per-epoch validation accuracies are still fed to Optuna (`trial.report`), so
+the study holds the learning curves; stopping mid-trial needs an `on_line`/stop hook in the runner.
+
+A failed trial is reported (TrainingJobStatusCounters.NonRetryableError, ObjectiveStatus Failed) and told to
+Optuna as failed; the tuning job fails only when no trial yields the objective.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.util
+import json
+import logging
+import math
+import re
+import sys
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from datetime import UTC, datetime
+from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+from tagflow.errors import InputError
+from tagflow.local.runner import REPO, run_training_job
+from tagflow.local.runner import validate_request as validate_training_request
+from tagflow.sagemaker_config import LOCAL_METRIC_DEFINITIONS, METRIC_DEFINITIONS, TRAINING_NAME_MAX
+
+if TYPE_CHECKING:
+    import optuna
+
+    from tagflow.s3 import S3Client
+
+log = logging.getLogger(__name__)
+
+HYPERPARAMS_SPEC = REPO / "algo" / "ic_hyperparams.py"
+ARN_PREFIX = "arn:aws:sagemaker:local:000000000000:hyper-parameter-tuning-job/"
+TRAINING_ARN_PREFIX = "arn:aws:sagemaker:local:000000000000:training-job/"
+STRATEGIES = ("Bayesian", "Random")
+SCALINGS = ("Auto", "Linear", "Logarithmic", "ReverseLogarithmic")
+FAILURE_REASON_MAX = 1024
+
+
+@functools.cache
+def _algorithm_spec() -> ModuleType:
+    """algo/ic_hyperparams.py, loaded as plain Python (it imports neither MXNet nor tagflow)."""
+    name = "tagflow_algo_ic_hyperparams"
+    spec = importlib.util.spec_from_file_location(name, HYPERPARAMS_SPEC)
+    if spec is None or spec.loader is None:
+        raise InputError(f"cannot load the algorithm's hyperparameter spec {HYPERPARAMS_SPEC}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # its dataclasses look their module up while being defined
+    spec.loader.exec_module(module)
+    return module
+
+
+# --- request validation ----------------------------------------------------------------------------------------
+
+
+def _number(text: str, field: str, kind: str) -> float:
+    try:
+        value = int(text) if kind == "Integer" else float(text)
+    except (TypeError, ValueError):
+        raise InputError(f"{field}: {text!r} is not a{'n integer' if kind == 'Integer' else ' number'}") from None
+    if not math.isfinite(value):
+        raise InputError(f"{field}: {text!r} is not a finite number")
+    return value
+
+
+def _check_range(rng: dict[str, Any], kind: str, field: str) -> None:
+    low = _number(rng["MinValue"], f"{field}.MinValue", kind)
+    high = _number(rng["MaxValue"], f"{field}.MaxValue", kind)
+    if low > high:
+        raise InputError(f"{field}: MinValue {rng['MinValue']} is greater than MaxValue {rng['MaxValue']}")
+    scaling = rng.get("ScalingType", "Auto")
+    if scaling == "Logarithmic" and low <= 0:
+        raise InputError(f"{field}: ScalingType Logarithmic needs MinValue > 0, got {rng['MinValue']}")
+    if scaling == "ReverseLogarithmic":
+        if kind == "Integer":
+            raise InputError(f"{field}: ScalingType ReverseLogarithmic is for Continuous ranges only")
+        if not (low >= 0 and high < 1):
+            raise InputError(
+                f"{field}: ScalingType ReverseLogarithmic needs 0 ≤ MinValue ≤ MaxValue < 1, "
+                f"got [{rng['MinValue']}, {rng['MaxValue']}]"
+            )
+
+
+def validate_request(request: dict[str, Any]) -> None:
+    """Raise InputError naming the field when `request` is not a valid CreateHyperParameterTuningJob request or
+    asks for something the local backend does not do."""
+    import botocore.session
+    from botocore.validate import ParamValidator
+
+    model = botocore.session.get_session().get_service_model("sagemaker")
+    shape = model.operation_model("CreateHyperParameterTuningJob").input_shape
+    report = ParamValidator().validate(request, shape)
+    if report.has_errors():
+        raise InputError(f"CreateHyperParameterTuningJob request is invalid:\n{report.generate_report()}")
+    name = request["HyperParameterTuningJobName"]
+    pattern = shape.members["HyperParameterTuningJobName"].metadata["pattern"]
+    if not re.fullmatch(pattern, name):
+        raise InputError(f"HyperParameterTuningJobName: {name!r} does not match SageMaker's pattern {pattern}")
+    config = request["HyperParameterTuningJobConfig"]
+    if config["Strategy"] not in STRATEGIES:
+        raise InputError(f"HyperParameterTuningJobConfig.Strategy: {config['Strategy']!r}; locally {STRATEGIES}")
+    objective = config.get("HyperParameterTuningJobObjective")
+    metrics = {d["Name"] for d in (*METRIC_DEFINITIONS, *LOCAL_METRIC_DEFINITIONS)}
+    if objective is None or objective["MetricName"] not in metrics:
+        got = objective and objective["MetricName"]
+        raise InputError(
+            f"HyperParameterTuningJobConfig.HyperParameterTuningJobObjective.MetricName: {got!r}; expected one of "
+            f"{', '.join(sorted(metrics))}"
+        )
+    for unsupported in ("StrategyConfig", "TuningJobCompletionCriteria"):
+        if unsupported in config:
+            raise InputError(f"HyperParameterTuningJobConfig.{unsupported}: not supported by the local backend")
+    if "TrainingJobDefinition" not in request or "TrainingJobDefinitions" in request or "WarmStartConfig" in request:
+        raise InputError("TrainingJobDefinition: the local backend runs exactly one, without WarmStartConfig")
+    ranges = config.get("ParameterRanges") or {}
+    if ranges.get("AutoParameters"):
+        raise InputError("HyperParameterTuningJobConfig.ParameterRanges.AutoParameters: not supported locally")
+
+    spec = _algorithm_spec()
+    static = dict(request["TrainingJobDefinition"].get("StaticHyperParameters", {}))
+    seen: set[str] = set()
+    ends: list[tuple[str, str, str]] = []  # (field, hyperparameter, value) to try with the trainer's parser
+    for kind in ("Integer", "Continuous", "Categorical"):
+        for i, rng in enumerate(ranges.get(f"{kind}ParameterRanges", [])):
+            field = f"ParameterRanges.{kind}ParameterRanges[{i}] ({rng['Name']})"
+            hp = rng["Name"]
+            if hp not in spec.KNOWN:
+                raise InputError(
+                    f"{field}: unknown hyperparameter {hp!r}; the algorithm accepts {', '.join(sorted(spec.KNOWN))}"
+                )
+            if hp in seen:
+                raise InputError(f"{field}: {hp!r} has more than one range")
+            if hp in static:
+                raise InputError(f"{field}: {hp!r} is also a StaticHyperParameter; tune it or fix it, not both")
+            seen.add(hp)
+            if kind == "Categorical":
+                if len(set(rng["Values"])) != len(rng["Values"]):
+                    raise InputError(f"{field}.Values: {rng['Values']} repeats a value")
+                ends += [(f"{field}.Values", hp, v) for v in rng["Values"]]
+            else:
+                _check_range(rng, kind, field)
+                ends += [(f"{field}.MinValue", hp, rng["MinValue"]), (f"{field}.MaxValue", hp, rng["MaxValue"])]
+    if not seen:
+        raise InputError("HyperParameterTuningJobConfig.ParameterRanges: no range to tune")
+    # Every value a range can reach, with the static hyperparameters, must be one the algorithm accepts.
+    first = {hp: value for _, hp, value in reversed(ends)}
+    for field, hp, value in ends:
+        try:
+            spec.parse({**static, **first, hp: value})
+        except spec.HyperparameterError as err:
+            raise InputError(f"{field}: {err}") from None
+    validate_training_request(_trial_request(request, "validation-probe", {k: str(v) for k, v in first.items()}))
+
+
+# --- search space ----------------------------------------------------------------------------------------------
+
+
+def _suggest(trial: optuna.Trial, config: dict[str, Any]) -> dict[str, str]:
+    """One set of tuned hyperparameters (SageMaker strings) from Optuna, each range with its ScalingType."""
+    ranges = config["ParameterRanges"]
+    out: dict[str, str] = {}
+    for rng in ranges.get("IntegerParameterRanges", []):
+        log_scale = rng.get("ScalingType") == "Logarithmic"
+        out[rng["Name"]] = str(
+            trial.suggest_int(rng["Name"], int(rng["MinValue"]), int(rng["MaxValue"]), log=log_scale)
+        )
+    for rng in ranges.get("ContinuousParameterRanges", []):
+        low, high, scaling = float(rng["MinValue"]), float(rng["MaxValue"]), rng.get("ScalingType", "Auto")
+        if scaling == "ReverseLogarithmic":
+            # y = 1 - x, log-uniform; 1 - MaxValue can be tiny but is > 0 because MaxValue < 1.
+            value = 1.0 - trial.suggest_float(f"1-{rng['Name']}", 1.0 - high, 1.0 - low, log=True)
+        else:
+            value = trial.suggest_float(rng["Name"], low, high, log=scaling == "Logarithmic")
+        out[rng["Name"]] = repr(value)
+    for rng in ranges.get("CategoricalParameterRanges", []):
+        out[rng["Name"]] = trial.suggest_categorical(rng["Name"], list(rng["Values"]))
+    return out
+
+
+def _seed(request: dict[str, Any]) -> int:
+    config = request["HyperParameterTuningJobConfig"]
+    if "RandomSeed" in config:
+        return int(config["RandomSeed"])
+    return int(hashlib.sha256(request["HyperParameterTuningJobName"].encode()).hexdigest()[:8], 16)
+
+
+def trial_name(tuning_name: str, number: int, tuned: dict[str, str]) -> str:
+    """SageMaker's trial naming: `TUNINGNAME-NNN-HASH8` (number from 1; hash of the tuned hyperparameters)."""
+    digest = hashlib.sha256(json.dumps([tuning_name, number, tuned], sort_keys=True).encode()).hexdigest()[:8]
+    name = f"{tuning_name}-{number:03d}-{digest}"
+    assert len(name) <= TRAINING_NAME_MAX, name
+    return name
+
+
+def _trial_request(request: dict[str, Any], name: str, tuned: dict[str, str]) -> dict[str, Any]:
+    """The CreateTrainingJob request SageMaker makes for one trial of the TrainingJobDefinition."""
+    definition = request["TrainingJobDefinition"]
+    algorithm = {k: v for k, v in definition["AlgorithmSpecification"].items() if k != "MetricDefinitions"}
+    trial: dict[str, Any] = {
+        "TrainingJobName": name,
+        "AlgorithmSpecification": algorithm,
+        "RoleArn": definition["RoleArn"],
+        "HyperParameters": {**definition.get("StaticHyperParameters", {}), **tuned},
+        "InputDataConfig": definition["InputDataConfig"],
+        "OutputDataConfig": definition["OutputDataConfig"],
+        "ResourceConfig": definition["ResourceConfig"],
+        "StoppingCondition": definition["StoppingCondition"],
+    }
+    return trial
+
+
+# --- running ---------------------------------------------------------------------------------------------------
+
+
+def _summary(
+    tuning_name: str, describe: dict[str, Any], tuned: dict[str, str], objective: dict[str, str]
+) -> dict[str, Any]:
+    """A HyperParameterTrainingJobSummary for one finished trial."""
+    status = describe["TrainingJobStatus"]
+    final = {m["MetricName"]: m["Value"] for m in describe.get("FinalMetricDataList", [])}
+    summary: dict[str, Any] = {
+        "TrainingJobName": describe["TrainingJobName"],
+        "TrainingJobArn": describe["TrainingJobArn"],
+        "TuningJobName": tuning_name,
+        "CreationTime": describe["CreationTime"],
+        "TrainingJobStatus": status,
+        "TunedHyperParameters": tuned,
+        "ObjectiveStatus": "Failed",
+    }
+    for key in ("TrainingStartTime", "TrainingEndTime", "FailureReason"):
+        if key in describe:
+            summary[key] = describe[key]
+    metric = objective["MetricName"]
+    if status in ("Completed", "Stopped") and metric in final:  # a stopped trial keeps its last value
+        summary["FinalHyperParameterTuningJobObjectiveMetric"] = {
+            "Type": objective["Type"],
+            "MetricName": metric,
+            "Value": float(final[metric]),
+        }
+        summary["ObjectiveStatus"] = "Succeeded"
+    elif status in ("Completed", "Stopped"):
+        summary["FailureReason"] = f"the objective metric {metric} was not found in the trial's log"
+    return summary
+
+
+def _epoch_values(log_path: Path, metric: str) -> list[float]:
+    """The objective metric, epoch by epoch, from a finished trial's log (its regex from METRIC_DEFINITIONS)."""
+    regex = next(
+        d["Regex"]
+        for d in (*METRIC_DEFINITIONS, *LOCAL_METRIC_DEFINITIONS)
+        if d["Name"] == metric.removesuffix(":epoch")
+    )
+    if not log_path.exists():
+        return []
+    values = []
+    for match in re.finditer(regex, log_path.read_text()):
+        try:
+            values.append(float(match.group(1)))
+        except ValueError:
+            continue
+    return values
+
+
+def run_tuning_job(
+    request: dict[str, Any],
+    *,
+    workdir: Path,
+    client: S3Client | None = None,
+    mxnet_python: Path | None = None,
+) -> dict[str, Any]:
+    """Run the CreateHyperParameterTuningJob `request` locally to the end; return a
+    DescribeHyperParameterTuningJob-shaped dict with every trial's summary under `TrainingJobSummaries`.
+
+    Raises InputError for an invalid request; failed trials (and a tuning job whose trials all failed) are
+    reported in the returned dict.
+    """
+    import optuna
+
+    validate_request(request)
+    name = request["HyperParameterTuningJobName"]
+    config = request["HyperParameterTuningJobConfig"]
+    objective = dict(config["HyperParameterTuningJobObjective"])
+    limits = config["ResourceLimits"]
+    max_jobs, max_parallel = limits["MaxNumberOfTrainingJobs"], limits["MaxParallelTrainingJobs"]
+    seed = _seed(request)
+    sampler: optuna.samplers.BaseSampler = (
+        optuna.samplers.TPESampler(seed=seed)
+        if config["Strategy"] == "Bayesian"
+        else optuna.samplers.RandomSampler(seed)
+    )
+    direction = "maximize" if objective["Type"] == "Maximize" else "minimize"
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(study_name=name, direction=direction, sampler=sampler)
+    trial_dir = Path(workdir) / name
+    trial_dir.mkdir(parents=True, exist_ok=True)
+    created = datetime.now(UTC)
+    log.info(
+        "tuning job %s: %s search, %d trial(s), %d at a time, seed %d",
+        name, config["Strategy"], max_jobs, max_parallel, seed,
+    )  # fmt: skip
+
+    summaries: list[dict[str, Any]] = []
+
+    def run_trial(number: int, trial: optuna.Trial, tuned: dict[str, str]) -> dict[str, Any]:
+        job = trial_name(name, number, tuned)
+        log.info("trial %s: %s", job, tuned)
+        describe = run_training_job(
+            _trial_request(request, job, tuned), workdir=trial_dir, client=client, mxnet_python=mxnet_python
+        )
+        summary = _summary(name, describe, tuned, objective)
+        for epoch, value in enumerate(_epoch_values(trial_dir / job / "training.log", objective["MetricName"])):
+            trial.report(value, epoch)
+        return summary
+
+    with ThreadPoolExecutor(max_workers=max_parallel, thread_name_prefix=f"tune-{name}") as pool:
+        running: dict[Future[dict[str, Any]], optuna.Trial] = {}
+        started = 0
+        while started < max_jobs or running:
+            while started < max_jobs and len(running) < max_parallel:
+                started += 1
+                trial = study.ask()  # asked in this thread, in order: a seeded Random search is reproducible
+                running[pool.submit(run_trial, started, trial, _suggest(trial, config))] = trial
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                trial = running.pop(future)
+                summary = future.result()
+                summaries.append(summary)
+                metric = summary.get("FinalHyperParameterTuningJobObjectiveMetric")
+                if metric is None:
+                    study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                    log.warning("trial %s failed: %s", summary["TrainingJobName"], summary.get("FailureReason"))
+                else:
+                    study.tell(trial, metric["Value"])
+                    log.info("trial %s: %s = %s", summary["TrainingJobName"], metric["MetricName"], metric["Value"])
+
+    summaries.sort(key=lambda s: s["TrainingJobName"])
+    scored = [s for s in summaries if "FinalHyperParameterTuningJobObjectiveMetric" in s]
+    sign = 1 if direction == "maximize" else -1
+    statuses = [s["TrainingJobStatus"] for s in summaries]
+    ended = datetime.now(UTC)
+    describe: dict[str, Any] = {
+        "HyperParameterTuningJobName": name,
+        "HyperParameterTuningJobArn": ARN_PREFIX + name.lower(),
+        "HyperParameterTuningJobConfig": config,
+        "TrainingJobDefinition": request["TrainingJobDefinition"],
+        "HyperParameterTuningJobStatus": "Completed" if scored else "Failed",
+        "CreationTime": created,
+        "HyperParameterTuningEndTime": ended,
+        "LastModifiedTime": ended,
+        "TrainingJobStatusCounters": {
+            "Completed": statuses.count("Completed"),
+            "InProgress": 0,
+            "RetryableError": 0,
+            "NonRetryableError": statuses.count("Failed"),
+            "Stopped": statuses.count("Stopped"),
+        },
+        "ObjectiveStatusCounters": {
+            "Succeeded": len(scored),
+            "Pending": 0,
+            "Failed": len(summaries) - len(scored),
+        },
+        "TrainingJobSummaries": summaries,
+    }
+    if scored:
+        best = max(scored, key=lambda s: sign * s["FinalHyperParameterTuningJobObjectiveMetric"]["Value"])
+        describe["BestTrainingJob"] = best
+        log.info("tuning job %s: best trial %s", name, best["TrainingJobName"])
+    else:
+        reasons = "; ".join(f"{s['TrainingJobName']}: {s.get('FailureReason', '?')}" for s in summaries)
+        describe["FailureReason"] = f"All training jobs failed. {reasons}"[:FAILURE_REASON_MAX]
+        log.error("tuning job %s failed: every trial failed", name)
+    (trial_dir / "describe.json").write_text(json.dumps(describe, indent=2, default=str))
+    return describe
