@@ -275,6 +275,138 @@ def _describe_run(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _hyperparameter_pairs(pairs: list[str]) -> dict[str, str]:
+    from tagflow.errors import InputError
+
+    values = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise InputError(f"--hp {pair!r}: expected NAME=VALUE, for example --hp epochs=2")
+        values[name.strip()] = value.strip()
+    return values
+
+
+def _dataset_request(dataset: str, hyperparameters: dict[str, str], job_name: str | None, max_runtime: int) -> dict:
+    """A CreateTrainingJob request for the packed dataset at `dataset` (counts read from its manifest)."""
+    from datetime import UTC, datetime
+
+    from tagflow import sagemaker_config as smc
+    from tagflow.pipeline import read_location
+    from tagflow.s3 import S3Uri
+
+    manifest = json.loads(read_location(str(S3Uri.parse(dataset).join("training", "manifest.json")))[0])
+    name = job_name or smc.training_job_name("tagflow", datetime.now(UTC).strftime("%Y%m%d-%H%M%S"))
+    return smc.training_job_request(
+        name,
+        image_uri=smc.LOCAL_IMAGE_URI,
+        role_arn=smc.LOCAL_ROLE_ARN,
+        hyperparameters={**smc.dataset_hyperparameters(manifest), **hyperparameters},
+        instance_type="ml.m5.large",
+        max_runtime_s=max_runtime,
+        **smc.dataset_channels(dataset),
+    )
+
+
+HpOpt = Annotated[list[str] | None, typer.Option("--hp", help="A hyperparameter NAME=VALUE (repeatable).")]
+WorkdirOpt = Annotated[Path, typer.Option(help="Job folders (laid out like SageMaker's /opt/ml) go here.")]
+
+
+@app.command()
+def train(
+    dataset: Annotated[str | None, typer.Option(help="s3://BUCKET/PREFIX of a packed dataset.")] = None,
+    request: Annotated[
+        Path | None, typer.Option(help="A CreateTrainingJob request (JSON) instead of --dataset.")
+    ] = None,
+    hp: HpOpt = None,
+    job_name: Annotated[str | None, typer.Option(help="Training job name (default: tagflow-TIMESTAMP-HASH).")] = None,
+    max_runtime: Annotated[int, typer.Option(min=1, help="StoppingCondition.MaxRuntimeInSeconds.")] = 86_400,
+    workdir: WorkdirOpt = Path(".tagflow/jobs"),
+    as_json: JsonFlag = False,
+) -> None:
+    """Train the image-classification model locally, through the same request SageMaker takes."""
+    from tagflow.errors import InputError, TagflowError
+    from tagflow.local.runner import run_training_job
+
+    if (dataset is None) == (request is None):
+        raise InputError("give exactly one of --dataset s3://BUCKET/PREFIX or --request JOB.json")
+    if request is not None:
+        try:
+            job = json.loads(request.read_text())
+        except (OSError, ValueError) as err:
+            raise InputError(f"{request}: not a readable JSON request ({err})") from None
+    else:
+        job = _dataset_request(dataset, _hyperparameter_pairs(hp or []), job_name, max_runtime)
+    described = run_training_job(job, workdir=workdir)
+    metrics = {m["MetricName"]: m["Value"] for m in described.get("FinalMetricDataList", [])}
+    status = described["TrainingJobStatus"]
+    _emit(
+        as_json,
+        described,
+        f"{described['TrainingJobName']}: {status}"
+        + (f" — {described.get('FailureReason')}" if status != "Completed" else "")
+        + "".join(f"\n  {k} = {v:.4f}" for k, v in sorted(metrics.items()))
+        + (f"\n  model: {described['ModelArtifacts']['S3ModelArtifacts']}" if status == "Completed" else ""),
+    )
+    if status != "Completed":
+        raise TagflowError(f"training job {described['TrainingJobName']} {status.lower()}")
+
+
+@app.command()
+def tune(
+    dataset: Annotated[str, typer.Option(help="s3://BUCKET/PREFIX of a packed dataset.")],
+    ranges: Annotated[Path, typer.Option(help="JSON: {name: [choices] | {type, min, max, scaling}}.")],
+    hp: HpOpt = None,
+    strategy: Annotated[str, typer.Option(help="Bayesian or Random.")] = "Bayesian",
+    max_jobs: Annotated[int, typer.Option(min=1)] = 4,
+    max_parallel: Annotated[int, typer.Option(min=1)] = 1,
+    early_stopping: Annotated[str, typer.Option(help="Off or Auto.")] = "Off",
+    job_name: Annotated[str | None, typer.Option(help="Tuning job name (≤ 32 characters).")] = None,
+    max_runtime: Annotated[int, typer.Option(min=1, help="Per trial MaxRuntimeInSeconds.")] = 86_400,
+    workdir: WorkdirOpt = Path(".tagflow/jobs"),
+    as_json: JsonFlag = False,
+) -> None:
+    """Tune hyperparameters locally: trials are local training jobs, chosen by Optuna, objective validation:accuracy."""
+    from datetime import UTC, datetime
+
+    from tagflow import sagemaker_config as smc
+    from tagflow.errors import InputError, TagflowError
+    from tagflow.local.tuner import run_tuning_job
+
+    try:
+        spec = json.loads(ranges.read_text())
+    except (OSError, ValueError) as err:
+        raise InputError(f"{ranges}: not a readable JSON object of ranges ({err})") from None
+    training = _dataset_request(dataset, _hyperparameter_pairs(hp or []), None, max_runtime)
+    name = job_name or smc.tuning_job_name("tf", datetime.now(UTC).strftime("%m%d%H%M%S"))
+    request = smc.tuning_job_request(
+        name,
+        training=training,
+        ranges=spec,
+        strategy=strategy,
+        max_jobs=max_jobs,
+        max_parallel=max_parallel,
+        early_stopping=early_stopping,
+    )
+    described = run_tuning_job(request, workdir=workdir)
+    best = described.get("BestTrainingJob") or {}
+    lines = [f"{name}: {described['HyperParameterTuningJobStatus']}"]
+    for trial in described.get("TrainingJobSummaries", []):
+        value = (trial.get("FinalHyperParameterTuningJobObjectiveMetric") or {}).get("Value")
+        shown = f"{value:.4f}" if value is not None else "-"
+        lines.append(
+            f"  {trial['TrainingJobName']}  {trial['TrainingJobStatus']:<9} {shown}  "
+            f"{trial.get('TunedHyperParameters', {})}"
+        )
+    if best:
+        lines.append(
+            f"best: {best['TrainingJobName']} ({best['FinalHyperParameterTuningJobObjectiveMetric']['Value']:.4f})"
+        )
+    _emit(as_json, described, "\n".join(lines))
+    if described["HyperParameterTuningJobStatus"] != "Completed":
+        raise TagflowError(f"tuning job {name} {described['HyperParameterTuningJobStatus'].lower()}")
+
+
 @app.command("demo-data")
 def demo_data(
     bucket_uri: Annotated[

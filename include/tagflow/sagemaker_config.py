@@ -272,3 +272,39 @@ def tuning_job_request(
         "HyperParameterTuningJobConfig": config,
         "TrainingJobDefinition": definition,
     }
+
+
+# --- from a packed dataset -------------------------------------------------------------------------------------
+
+LOCAL_IMAGE_URI = "tagflow-local/image-classification:1"
+LOCAL_ROLE_ARN = "arn:aws:iam::000000000000:role/tagflow-local"
+
+
+def dataset_channels(dataset_uri: str) -> dict[str, str]:
+    """The seed layout's channel and output URIs below `s3://BUCKET/PREFIX`.
+
+    Each channel names its .rec object itself (an S3 prefix matching one key), so the .idx and manifest.json
+    beside it are not handed to the algorithm as training data.
+    """
+    dataset = S3Uri.parse(dataset_uri)
+    return {
+        "train_uri": str(dataset.join("training", "train.rec")),
+        "validation_uri": str(dataset.join("validation", "val.rec")),
+        "output_uri": str(dataset.join("output")),
+    }
+
+
+def dataset_hyperparameters(manifest: Mapping[str, Any]) -> dict[str, Any]:
+    """The hyperparameters a packed dataset decides: never typed in a form, always read from its manifest.json."""
+    try:
+        num_classes = int(manifest["num_labels"])
+        num_training_samples = int(manifest["counts"]["train"])
+        resize = int(manifest["pack_params"]["resize"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise InputError(f"manifest.json: missing or bad field {err} (expected the output of `tagflow pack`)") from None
+    return {
+        "num_classes": num_classes,
+        "num_training_samples": num_training_samples,
+        "multi_label": 1,
+        "image_shape": f"3,{resize},{resize}",
+    }

@@ -1,0 +1,85 @@
+"""`tagflow train` and `tagflow tune` on a dataset the data plane packed: counts come from its manifest."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tagflow import demo, pipeline, s3
+from test_cli import tagflow
+
+pytestmark = [pytest.mark.mxnet, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def dataset(s3_server, s3_client):
+    bucket = "cli-training"
+    s3_client.create_bucket(Bucket=bucket)
+    data = demo.publish(120, s3.S3Uri(bucket, "raw"), seed=11, client=s3_client, workers=2)
+    spec = pipeline.DatasetSpec(
+        list_uri=data.list_uri,
+        source_uri=data.images_uri,
+        labels_uri=data.labels_uri,
+        dataset_uri=f"s3://{bucket}/ds",
+        num_labels=demo.NUM_LABELS,
+        shard_size=200,
+    )
+    summary = pipeline.run(spec, s3_client)
+    return f"s3://{bucket}/ds", summary
+
+
+def test_train_reads_counts_from_the_manifest_and_writes_the_model_where_sagemaker_would(dataset, s3_client, tmp_path):
+    uri, summary = dataset
+    done = tagflow(
+        "train",
+        "--dataset",
+        uri,
+        "--job-name",
+        "cli-train-1",
+        "--workdir",
+        str(tmp_path),
+        "--hp",
+        "epochs=1",
+        "--hp",
+        "num_layers=18",
+        "--hp",
+        "mini_batch_size=16",
+        "--json",
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    described = json.loads(done.stdout)
+    assert described["TrainingJobStatus"] == "Completed"
+    assert described["HyperParameters"]["num_training_samples"] == str(summary["counts"]["train"])
+    assert described["HyperParameters"]["num_classes"] == "50"
+    assert described["ModelArtifacts"]["S3ModelArtifacts"] == f"{uri}/output/cli-train-1/output/model.tar.gz"
+    bucket, key = described["ModelArtifacts"]["S3ModelArtifacts"][5:].split("/", 1)
+    assert s3_client.head_object(Bucket=bucket, Key=key)["ContentLength"] > 0
+    channels = {c["ChannelName"]: c["DataSource"]["S3DataSource"]["S3Uri"] for c in described["InputDataConfig"]}
+    assert channels == {"train": f"{uri}/training/train.rec", "validation": f"{uri}/validation/val.rec"}
+
+
+def test_train_with_a_wrong_class_count_fails_naming_both_numbers(dataset, tmp_path):
+    uri, _ = dataset
+    done = tagflow(
+        "train",
+        "--dataset",
+        uri,
+        "--job-name",
+        "cli-train-bad",
+        "--workdir",
+        str(tmp_path),
+        "--hp",
+        "num_classes=10",
+        "--hp",
+        "epochs=1",
+    )
+    assert done.returncode == 1
+    assert "10" in done.stdout + done.stderr and "50" in done.stdout + done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_bad_hp_syntax_is_a_usage_error(dataset, tmp_path):
+    uri, _ = dataset
+    done = tagflow("train", "--dataset", uri, "--hp", "epochs", "--workdir", str(tmp_path))
+    assert done.returncode == 2 and "expected NAME=VALUE" in done.stderr
