@@ -17,13 +17,10 @@ admin UI, WebDAV, Iceberg and Lance listeners are off. SeaweedFS hard-codes its 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import secrets
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -31,6 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from tagflow.errors import TagflowError
+from tagflow.local import process
 
 REGION = "us-east-1"
 PORT_NAMES = (
@@ -85,44 +83,6 @@ def weed_binary() -> str:
     return found
 
 
-def _port_free(port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def _free_ports(count: int) -> list[int]:
-    """`count` distinct ports the OS reports free right now (held together so none repeats)."""
-    socks = []
-    try:
-        for _ in range(count):
-            sock = socket.socket()
-            sock.bind(("127.0.0.1", 0))
-            socks.append(sock)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for sock in socks:
-            sock.close()
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie still answers kill(0); treat it as gone.
-    with contextlib.suppress(OSError):
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        if stat.rsplit(")", 1)[1].split()[0] == "Z":
-            return False
-    return True
-
-
 def status(state_dir: Path | None = None) -> ServerInfo | None:
     """The running server for `state_dir`, or None if none runs (stale files are ignored)."""
     state_dir = state_dir or default_state_dir()
@@ -130,8 +90,7 @@ def status(state_dir: Path | None = None) -> ServerInfo | None:
     pid_file = state_dir / "weed.pid"
     if not (info_file.exists() and pid_file.exists()):
         return None
-    pid = int(pid_file.read_text().strip() or 0)
-    if not pid or not _pid_alive(pid):
+    if not process.pid_alive(process.read_pid(pid_file)):
         return None
     return ServerInfo(**json.loads(info_file.read_text()))
 
@@ -162,9 +121,9 @@ def _choose_ports(state_dir: Path) -> dict[str, int]:
     info_file = state_dir / "server.json"
     if info_file.exists():
         previous = json.loads(info_file.read_text()).get("ports", {})
-        if set(previous) == set(PORT_NAMES) and all(_port_free(p) for p in previous.values()):
+        if set(previous) == set(PORT_NAMES) and all(process.port_free(p) for p in previous.values()):
             return previous
-    return dict(zip(PORT_NAMES, _free_ports(len(PORT_NAMES)), strict=True))
+    return dict(zip(PORT_NAMES, process.free_ports(len(PORT_NAMES)), strict=True))
 
 
 def _wait_ready(info: ServerInfo, proc: subprocess.Popen, log: Path) -> None:
@@ -273,19 +232,7 @@ def stop(state_dir: Path | None = None, timeout: float = 20) -> bool:
     pid_file = state_dir / "weed.pid"
     if not pid_file.exists():
         return False
-    pid = int(pid_file.read_text().strip() or 0)
-    was_running = bool(pid) and _pid_alive(pid)
-    if was_running:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        while _pid_alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        if _pid_alive(pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pid, signal.SIGKILL)
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(pid, 0)
+    was_running = process.stop_group(process.read_pid(pid_file), timeout)
     pid_file.unlink(missing_ok=True)
     info_file = state_dir / "server.json"
     if info_file.exists():
