@@ -83,3 +83,56 @@ def test_bad_hp_syntax_is_a_usage_error(dataset, tmp_path):
     uri, _ = dataset
     done = tagflow("train", "--dataset", uri, "--hp", "epochs", "--workdir", str(tmp_path))
     assert done.returncode == 2 and "expected NAME=VALUE" in done.stderr
+
+
+def test_train_serve_predict_session(dataset, tmp_path):
+    uri, _ = dataset
+    env = {"TAGFLOW_HOME": str(tmp_path / "home")}
+    done = tagflow(
+        "train",
+        "--dataset",
+        uri,
+        "--job-name",
+        "cli-serve-1",
+        "--workdir",
+        str(tmp_path / "jobs"),
+        "--hp",
+        "epochs=1",
+        "--hp",
+        "num_layers=18",
+        "--hp",
+        "mini_batch_size=16",
+        "--json",
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    model = json.loads(done.stdout)["ModelArtifacts"]["S3ModelArtifacts"]
+    try:
+        started = tagflow("serve", "start", model, "--name", "cli-ep", "--json", env=env)
+        assert started.returncode == 0, started.stderr[-3000:]
+        assert json.loads(started.stdout)["model_source"] == model
+        image = tmp_path / "design.jpg"
+        data, ext, _ = demo.render_design(5, seed=99)
+        image = image.with_suffix(f".{ext}")
+        image.write_bytes(data)
+        predicted = tagflow(
+            "predict",
+            str(image),
+            "--name",
+            "cli-ep",
+            "--top-k",
+            "3",
+            "--labels",
+            f"{uri}/training/manifest.json",
+            "--json",
+            env=env,
+        )
+        assert predicted.returncode == 0, predicted.stderr[-3000:]
+        top = json.loads(predicted.stdout)["predictions"][0]["top"]
+        assert len(top) == 3 and all(t["label"] in demo.LABEL_NAMES for t in top)
+        assert top[0]["probability"] >= top[1]["probability"] >= top[2]["probability"]
+        assert tagflow("serve", "status", "--name", "cli-ep", env=env).returncode == 0
+    finally:
+        stopped = tagflow("serve", "stop", "--name", "cli-ep", env=env)
+    assert stopped.stdout.strip() == "stopped"
+    assert tagflow("serve", "status", "--name", "cli-ep", env=env).returncode == 1

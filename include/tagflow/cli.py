@@ -407,6 +407,111 @@ def tune(
         raise TagflowError(f"tuning job {name} {described['HyperParameterTuningJobStatus'].lower()}")
 
 
+serve_app = typer.Typer(
+    help="The local endpoint: serve a trained model like a SageMaker endpoint.", no_args_is_help=True
+)
+app.add_typer(serve_app, name="serve")
+EndpointName = Annotated[
+    str, typer.Option("--name", help="Endpoint name (its state lives in .tagflow/endpoints/NAME).")
+]
+
+
+@serve_app.command("start")
+def serve_start(
+    model: Annotated[str, typer.Argument(help="model.tar.gz: a local path or s3:// URI.")],
+    name: EndpointName = "tagflow",
+    port: Annotated[int | None, typer.Option(help="Port (default: a free one).")] = None,
+    host: Annotated[str, typer.Option(help="Address to listen on (loopback by default).")] = "127.0.0.1",
+    workers: Annotated[int, typer.Option(min=1, help="Model executors (concurrent predictions).")] = 1,
+    as_json: JsonFlag = False,
+) -> None:
+    """Start serving MODEL (or report the endpoint already running under NAME)."""
+    from dataclasses import asdict
+
+    from tagflow.local import endpoint
+
+    info = endpoint.start(
+        model, name=name, port=port, host=host, workers=workers, state_dir=endpoint.default_state_dir(name)
+    )
+    _emit(as_json, asdict(info), f"endpoint {info.name} at {info.url} serving {info.model_source} (pid {info.pid})")
+
+
+@serve_app.command("swap")
+def serve_swap(
+    model: Annotated[str, typer.Argument(help="The new model.tar.gz: a local path or s3:// URI.")],
+    name: EndpointName = "tagflow",
+) -> None:
+    """Load MODEL into the running endpoint, then switch to it; no request is dropped."""
+    from tagflow.errors import TagflowError
+    from tagflow.local import endpoint
+
+    state = endpoint.default_state_dir(name)
+    if endpoint.status(state) is None:
+        raise TagflowError(f"no endpoint named {name!r} is running (tagflow serve start MODEL --name {name})")
+    info = endpoint.swap(state, model)
+    typer.echo(f"endpoint {info.name} now serves {info.model_source}")
+
+
+@serve_app.command("stop")
+def serve_stop(name: EndpointName = "tagflow") -> None:
+    """Stop the endpoint."""
+    from tagflow.local import endpoint
+
+    typer.echo("stopped" if endpoint.stop(endpoint.default_state_dir(name)) else "not running")
+
+
+@serve_app.command("status")
+def serve_status(name: EndpointName = "tagflow", as_json: JsonFlag = False) -> None:
+    """Say whether the endpoint runs and what it serves; exit 1 if it does not run."""
+    from dataclasses import asdict
+
+    from tagflow.local import endpoint
+
+    info = endpoint.status(endpoint.default_state_dir(name))
+    if info is None:
+        _emit(as_json, {"running": False}, "not running")
+        raise typer.Exit(1)
+    _emit(as_json, {"running": True, **asdict(info)}, f"{info.name} at {info.url} serving {info.model_source}")
+
+
+@app.command()
+def predict(
+    images: Annotated[list[Path], typer.Argument(help="Image files (JPEG or PNG).")],
+    name: EndpointName = "tagflow",
+    labels: Annotated[
+        str | None, typer.Option(help="Label names: a dataset's manifest.json or a labels.txt (file or s3://).")
+    ] = None,
+    top_k: Annotated[int, typer.Option(min=1, help="Labels to show per image.")] = 5,
+    as_json: JsonFlag = False,
+) -> None:
+    """Top-k labels for each image from the running endpoint, through boto3's sagemaker-runtime client."""
+    from tagflow.errors import InputError, TagflowError
+    from tagflow.local import endpoint
+    from tagflow.pipeline import load_label_names, read_location
+
+    info = endpoint.status(endpoint.default_state_dir(name))
+    if info is None:
+        raise TagflowError(f"no endpoint named {name!r} is running (tagflow serve start MODEL --name {name})")
+    results, lines = [], []
+    names: list[str] | None = None
+    for image in images:
+        if not image.is_file():
+            raise InputError(f"{image}: no such file")
+        probabilities = endpoint.invoke(info, image.read_bytes())
+        if names is None:
+            if labels and labels.endswith(".json"):
+                names = json.loads(read_location(labels)[0])["label_names"]
+            else:
+                names = load_label_names(labels, len(probabilities))
+            if len(names) != len(probabilities):
+                raise InputError(f"{labels}: {len(names)} label names for a model with {len(probabilities)} outputs")
+        ranked = sorted(range(len(probabilities)), key=lambda i: -probabilities[i])[:top_k]
+        top = [{"label": names[i], "probability": round(probabilities[i], 4)} for i in ranked]
+        results.append({"image": str(image), "top": top})
+        lines.append(f"{image}: " + ", ".join(f"{t['label']} {t['probability']:.2f}" for t in top))
+    _emit(as_json, {"endpoint": info.name, "predictions": results}, "\n".join(lines))
+
+
 @app.command("demo-data")
 def demo_data(
     bucket_uri: Annotated[

@@ -243,3 +243,30 @@ def stop(state_dir: Path, timeout: float = 20) -> bool:
     pid_file.unlink(missing_ok=True)
     shutil.rmtree(state_dir / "models", ignore_errors=True)
     return was_running
+
+
+CONTENT_TYPES = {b"\xff\xd8\xff": "image/jpeg", b"\x89PNG": "image/png"}
+
+
+def content_type_of(data: bytes) -> str:
+    """The Content-Type the container contract expects for these image bytes (application/x-image otherwise)."""
+    return next((ct for magic, ct in CONTENT_TYPES.items() if data.startswith(magic)), "application/x-image")
+
+
+def invoke(info: EndpointInfo, data: bytes, content_type: str | None = None) -> list[float]:
+    """Class probabilities for one image, through boto3's sagemaker-runtime client as on SageMaker."""
+    import boto3
+    from botocore.config import Config
+
+    runtime = boto3.client(
+        "sagemaker-runtime",
+        endpoint_url=info.url,
+        region_name=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
+        aws_access_key_id="local",  # the local endpoint, like a container, does not check signatures
+        aws_secret_access_key="local",
+        config=Config(retries={"max_attempts": 2, "mode": "standard"}),
+    )
+    response = runtime.invoke_endpoint(
+        EndpointName=info.name, ContentType=content_type or content_type_of(data), Body=data
+    )
+    return json.loads(response["Body"].read())
