@@ -10,6 +10,7 @@ import io
 import json
 import re
 import tarfile
+import threading
 from pathlib import Path
 
 import botocore.session
@@ -196,6 +197,54 @@ def test_max_runtime_is_enforced(dataset, s3_client, mxnet_python, tmp_path):
     assert describe["SecondaryStatus"] == "MaxRuntimeExceeded"
     assert "MaxRuntimeInSeconds (4 s)" in describe["FailureReason"]
     assert not any(m["MetricName"] == "validation:accuracy" for m in describe["FinalMetricDataList"])
+
+
+@pytest.mark.slow
+@pytest.mark.mxnet
+def test_stop_event_stops_the_job_and_keeps_the_best_model(dataset, s3_client, mxnet_python, tmp_path):
+    """Set `stop` once epoch 0's validation line streams by: the trainer saves that epoch's model and exits, the job
+    ends Stopped / Stopped (like StopTrainingJob) and model.tar.gz is uploaded all the same."""
+    request = _request(dataset, "stop", epochs=50)
+    stop, seen = threading.Event(), []
+
+    def on_line(line: str) -> None:
+        seen.append(line)
+        if "Epoch[0] Validation-accuracy=" in line:
+            stop.set()
+
+    describe = run_training_job(request, workdir=tmp_path, client=s3_client, mxnet_python=mxnet_python,
+                                on_line=on_line, stop=stop)  # fmt: skip
+    name = request["TrainingJobName"]
+    assert (describe["TrainingJobStatus"], describe["SecondaryStatus"]) == ("Stopped", "Stopped"), describe.get(
+        "FailureReason"
+    )
+    assert "FailureReason" not in describe
+    log = (tmp_path / name / "training.log").read_text()
+    assert seen == log.splitlines()  # every line, in order, as it streamed
+    assert "Stop requested (SIGTERM) in epoch 1" in log
+    assert len(re.findall(BUILTIN_VALIDATION_REGEX, log)) == 1
+    final = {m["MetricName"]: m["Value"] for m in describe["FinalMetricDataList"]}
+    assert final["validation:accuracy"] == pytest.approx(float(re.findall(BUILTIN_VALIDATION_REGEX, log)[0]))
+    body = s3_client.get_object(Bucket=dataset["bucket"], Key=f"models/{name}/output/model.tar.gz")["Body"].read()
+    with tarfile.open(fileobj=io.BytesIO(body)) as tar:
+        metrics = json.load(tar.extractfile("metrics.json"))
+        names = set(tar.getnames())
+    assert metrics["interrupted"] is True and metrics["best_epoch"] == 0
+    assert {"image-classification-symbol.json", "image-classification-0001.params"} <= names
+    assert (
+        describe["ModelArtifacts"]["S3ModelArtifacts"] == f"s3://{dataset['bucket']}/models/{name}/output/model.tar.gz"
+    )
+
+
+@pytest.mark.mxnet
+def test_stop_before_an_epoch_completes_reports_stopped_without_a_model(dataset, s3_client, mxnet_python, tmp_path):
+    stop = threading.Event()
+    request = _request(dataset, "stop-early", epochs=50)
+    describe = run_training_job(request, workdir=tmp_path, client=s3_client, mxnet_python=mxnet_python,
+                                on_line=lambda line: stop.set(), stop=stop)  # fmt: skip
+    assert (describe["TrainingJobStatus"], describe["SecondaryStatus"]) == ("Stopped", "Stopped")
+    assert "ModelArtifacts" not in describe
+    assert not re.search(BUILTIN_VALIDATION_REGEX, (tmp_path / request["TrainingJobName"] / "training.log").read_text())
 
 
 def test_missing_data_fails_like_sagemaker(dataset, s3_client, mxnet_python, tmp_path):

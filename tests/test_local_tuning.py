@@ -219,3 +219,47 @@ def test_tuning_runs_three_trials_and_picks_the_best(dataset, s3_client, mxnet_p
     listing = SERVICE.operation_model("ListTrainingJobsForHyperParameterTuningJob").output_shape
     report = ParamValidator().validate({"TrainingJobSummaries": summaries}, listing)
     assert not report.has_errors(), report.generate_report()
+
+
+@pytest.mark.slow
+@pytest.mark.mxnet
+def test_auto_early_stopping_stops_the_trial_below_the_median(dataset, s3_client, mxnet_python, tmp_path):
+    """Seed 10 proposes a good learning rate, then a bad one (asserted below). Trials run one at a time, so the bad
+    one is judged at epoch 1 against the completed first trial, and stopped there, long before its 4 epochs end.
+    (Two trials only: a second good trial would be judged against the first too, and may fall below it by noise.)"""
+    good, bad = "0.005", "1e-07"  # 1e-07 leaves the network at its random start: its accuracy stays near chance
+    request = _request(dataset, "early", ranges={"learning_rate": [good, bad]}, strategy="Random", max_jobs=2,
+                       max_parallel=1, early_stopping="Auto", random_seed=10)  # fmt: skip
+    request["TrainingJobDefinition"]["StaticHyperParameters"].update(epochs="4", mini_batch_size="8")
+    assert request["HyperParameterTuningJobConfig"]["TrainingJobEarlyStoppingType"] == "Auto"
+    describe = run_tuning_job(request, workdir=tmp_path, client=s3_client, mxnet_python=mxnet_python)
+
+    summaries = describe["TrainingJobSummaries"]
+    assert [s["TunedHyperParameters"]["learning_rate"] for s in summaries] == [good, bad]
+    assert [s["TrainingJobStatus"] for s in summaries] == ["Completed", "Stopped"], [
+        s.get("FailureReason") for s in summaries
+    ]
+    assert describe["HyperParameterTuningJobStatus"] == "Completed"
+    assert describe["TrainingJobStatusCounters"] == {
+        "Completed": 1, "InProgress": 0, "RetryableError": 0, "NonRetryableError": 0, "Stopped": 1,
+    }  # fmt: skip
+    assert describe["ObjectiveStatusCounters"] == {"Succeeded": 2, "Pending": 0, "Failed": 0}
+
+    root = tmp_path / describe["HyperParameterTuningJobName"]
+    first, stopped = (s["TrainingJobName"] for s in summaries)
+    logs = {job: (root / job / "training.log").read_text() for job in (first, stopped)}
+    values = {job: [float(v) for v in re.findall(r"Epoch\[\d+\] Validation-accuracy=(\S+)", text)]
+              for job, text in logs.items()}  # fmt: skip
+    assert len(values[first]) == 4
+    # Stopped at the first epoch the pruner judges (1), below the first trial's value there; the trainer saved the
+    # best model so far, and the objective is the last value it logged, as SageMaker reports a stopped trial.
+    assert len(values[stopped]) == 2, values
+    assert max(values[stopped]) < values[first][1]
+    assert "Stop requested (SIGTERM)" in logs[stopped]
+    assert summaries[1]["FinalHyperParameterTuningJobObjectiveMetric"]["Value"] == pytest.approx(values[stopped][-1])
+    key = f"models/{stopped}/output/model.tar.gz"
+    assert s3_client.head_object(Bucket=dataset["bucket"], Key=key)["ContentLength"] > 0
+    assert describe["BestTrainingJob"]["TrainingJobName"] == first
+    out = SERVICE.operation_model("DescribeHyperParameterTuningJob").output_shape
+    report = ParamValidator().validate({k: v for k, v in describe.items() if k != "TrainingJobSummaries"}, out)
+    assert not report.has_errors(), report.generate_report()

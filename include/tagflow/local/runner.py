@@ -11,7 +11,11 @@ one boto3's `create_training_job` takes) and does what SageMaker does with it:
 3. runs `algo/ic_train.py` in the algorithm environment as its own process group, streaming its log to this
    logger and to `WORKDIR/JOB_NAME/training.log`;
 4. enforces `StoppingCondition.MaxRuntimeInSeconds` (counted from the job's start, download included): SIGTERM to
-   the group, SIGKILL after a grace period; the job ends `Stopped` with SecondaryStatus `MaxRuntimeExceeded`;
+   the group, SIGKILL after a grace period; the job ends `Stopped` with SecondaryStatus `MaxRuntimeExceeded`.
+   A caller's `stop` event (StopTrainingJob; the tuner's early stopping) stops it the same way and the job ends
+   `Stopped` / `Stopped`. On SIGTERM the trainer finishes its batch, saves the best model so far and exits 143, so
+   a stopped job still uploads `model.tar.gz` when an epoch completed, as SageMaker does; `on_line` sees each log
+   line as it streams (the tuner reads per-epoch objective values there);
 5. uploads `model/` as `S3OutputPath/JOB_NAME/output/model.tar.gz` and `output/data/` as `.../output.tar.gz`,
    exactly where SageMaker puts them;
 6. returns (and saves as `WORKDIR/JOB_NAME/describe.json`) a dict shaped like DescribeTrainingJob, with
@@ -36,13 +40,15 @@ import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from tagflow import s3
 from tagflow.errors import InputError
 from tagflow.sagemaker_config import CHANNELS, LOCAL_METRIC_DEFINITIONS, METRIC_DEFINITIONS, RECORDIO
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from tagflow.s3 import S3Client
 
 log = logging.getLogger(__name__)
@@ -50,6 +56,7 @@ log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[3]
 TRAINER = REPO / "algo" / "ic_train.py"
 STOP_GRACE_S = 20.0
+POLL_S = 0.2  # how often the runner looks at the stop event and the deadline
 FAILURE_REASON_MAX = 1024  # DescribeTrainingJob.FailureReason's length limit
 DEFAULT_MAX_RUNTIME_S = 86_400
 ARN_PREFIX = "arn:aws:sagemaker:local:000000000000:training-job/"
@@ -196,9 +203,16 @@ def parse_metrics(lines: list[tuple[datetime, str]]) -> list[dict[str, Any]]:
 
 
 def _run_trainer(
-    python: Path, job_dir: Path, deadline: float, grace_s: float, log_path: Path
-) -> tuple[int | None, bool, list[tuple[datetime, str]]]:
-    """Run the trainer until it exits or the deadline passes: (exit status, timed out, timestamped log lines)."""
+    python: Path,
+    job_dir: Path,
+    deadline: float,
+    grace_s: float,
+    log_path: Path,
+    on_line: Callable[[str], None] | None = None,
+    stop: threading.Event | None = None,
+) -> tuple[int | None, Literal["deadline", "stop"] | None, list[tuple[datetime, str]]]:
+    """Run the trainer until it exits, the deadline passes or `stop` is set: (exit status, why it was stopped,
+    timestamped log lines)."""
     lines: list[tuple[datetime, str]] = []
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with log_path.open("w") as sink:
@@ -220,27 +234,39 @@ def _run_trainer(
                 sink.write(raw)
                 sink.flush()
                 log.info("[%s] %s", job_dir.name, line)
+                if on_line is not None:
+                    try:
+                        on_line(line)
+                    except Exception:  # the caller's bug must not stop the log (and so block the trainer's pipe)
+                        log.exception("job %s: on_line callback failed on %r", job_dir.name, line)
 
         reader = threading.Thread(target=pump, name=f"log-{job_dir.name}", daemon=True)
         reader.start()
-        timed_out = False
+        why: Literal["deadline", "stop"] | None = None
         try:
-            proc.wait(timeout=max(deadline - time.monotonic(), 0.01))
-        except subprocess.TimeoutExpired:
-            timed_out = True
-            log.warning("job %s reached MaxRuntimeInSeconds: stopping it", job_dir.name)
-            _signal_group(proc, signal.SIGTERM)
-            try:
-                proc.wait(timeout=grace_s)
-            except subprocess.TimeoutExpired:
-                _signal_group(proc, signal.SIGKILL)
-                proc.wait()
+            while proc.poll() is None:
+                if stop is not None and stop.is_set():
+                    why = "stop"
+                    log.info("job %s: stop requested: stopping it", job_dir.name)
+                elif time.monotonic() >= deadline:
+                    why = "deadline"
+                    log.warning("job %s reached MaxRuntimeInSeconds: stopping it", job_dir.name)
+                else:
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        proc.wait(timeout=max(min(POLL_S, deadline - time.monotonic()), 0.01))
+                    continue
+                _signal_group(proc, signal.SIGTERM)
+                try:
+                    proc.wait(timeout=grace_s)
+                except subprocess.TimeoutExpired:
+                    _signal_group(proc, signal.SIGKILL)
+                    proc.wait()
         finally:
             if proc.poll() is None:  # an exception in this thread: never leave the trainer behind
                 _signal_group(proc, signal.SIGKILL)
                 proc.wait()
             reader.join(timeout=10)
-    return proc.returncode, timed_out, lines
+    return proc.returncode, why, lines
 
 
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:
@@ -255,11 +281,15 @@ def run_training_job(
     client: S3Client | None = None,
     mxnet_python: Path | None = None,
     stop_grace_s: float = STOP_GRACE_S,
+    on_line: Callable[[str], None] | None = None,
+    stop: threading.Event | None = None,
 ) -> dict[str, Any]:
     """Run the CreateTrainingJob `request` locally to the end; return a DescribeTrainingJob-shaped dict.
 
-    Re-running the same job name starts over in a fresh `workdir/JOB_NAME` folder and overwrites its S3 outputs.
-    Raises InputError for an invalid request; a failed or stopped job is reported in the returned dict.
+    `on_line` is called (from a reader thread) with each line of the trainer's log as it streams. Setting `stop`
+    (from any thread) stops the job like StopTrainingJob: it ends `Stopped` and keeps the best model of the epochs
+    it completed. Re-running the same job name starts over in a fresh `workdir/JOB_NAME` folder and overwrites its
+    S3 outputs. Raises InputError for an invalid request; a failed or stopped job is reported in the returned dict.
     """
     validate_request(request)
     name = request["TrainingJobName"]
@@ -289,15 +319,25 @@ def run_training_job(
         if not python.exists():
             raise _JobFailure(f"AlgorithmError: the algorithm environment {python} does not exist (make venvs)")
         training_start = datetime.now(UTC)
-        rc, timed_out, lines = _run_trainer(python, job_dir, deadline, stop_grace_s, job_dir / "training.log")
+        if stop is not None and stop.is_set():  # stopped while its data was staged: the trainer never starts
+            rc, why = None, "stop"
+        else:
+            rc, why, lines = _run_trainer(
+                python, job_dir, deadline, stop_grace_s, job_dir / "training.log", on_line, stop
+            )
         training_end = datetime.now(UTC)
         failure = job_dir / "output" / "failure"
-        if timed_out:
+        if why == "deadline":
             status, secondary = "Stopped", "MaxRuntimeExceeded"
             reason = (
                 f"MaxRuntimeExceeded: Training job ran longer than StoppingCondition.MaxRuntimeInSeconds "
                 f"({max_runtime} s) and was stopped."
             )
+        elif why == "stop" and rc != 0 and not failure.exists():
+            # 143 (the trainer's own SIGTERM exit), -15/-9 (stopped before its handler was set, or killed after the
+            # grace period) or None (never started). A trainer that finished before it saw the stop exited 0 and
+            # stays Completed, as a job SageMaker could not stop in time does.
+            status, secondary = "Stopped", "Stopped"
         elif rc != 0:
             status, secondary = "Failed", "Failed"
             text = failure.read_text().strip() if failure.exists() else ""
@@ -314,8 +354,10 @@ def run_training_job(
                 out_uri = output.join("output.tar.gz")
                 client.upload_file(str(job_dir / "output.tar.gz"), out_uri.bucket, out_uri.key)
             log.info("uploaded %s", model_uri)
-        elif status == "Stopped":
+        elif status == "Stopped" and reason:
             reason = f"{reason} No model was saved before the stop."
+        elif status == "Stopped":
+            log.info("job %s was stopped before an epoch completed: no model to upload", name)
     except _JobFailure as err:
         status, secondary, reason = "Failed", "Failed", str(err)
 

@@ -21,10 +21,20 @@ predictable); Logarithmic samples uniformly in log space (`log=True`, needs MinV
 values close to 1, e.g. momentum; SageMaker needs 0 ≤ MinValue < MaxValue < 1) samples y = 1 − x log-uniformly over
 [1 − MaxValue, 1 − MinValue] and returns x = 1 − y, so values crowd near MaxValue.
 
-Early stopping: `TrainingJobEarlyStoppingType: Auto` is accepted but does not stop a trial locally: the runner
-(`run_training_job`) has no per-epoch callback nor a stop handle, and a SIGTERM'd trainer exits 143, which the
-runner reports as Failed. Each trial's per-epoch validation accuracies are still fed to Optuna (`trial.report`), so
-the study holds the learning curves; stopping mid-trial needs an `on_line`/stop hook in the runner.
+Early stopping (`TrainingJobEarlyStoppingType: Auto`): SageMaker stops a trial whose objective at an epoch is worse
+than the median of the previous trials' running averages up to that epoch; locally that is Optuna's MedianPruner,
+the same idea with Optuna's definition (the trial's best value so far against the median of the completed trials'
+values at that epoch, so a little more lenient with a trial that dips once). Each
+trial's `Epoch[E] <objective>=V` log lines are reported to Optuna as they stream (`trial.report(V, E)`, through the
+runner's `on_line`), and when `trial.should_prune()` says so the trial's stop event is set: the runner SIGTERMs the
+trainer, which saves the best model so far; the trial ends `Stopped` with its last logged objective value
+(ObjectiveStatus Succeeded, counted under TrainingJobStatusCounters.Stopped, as SageMaker reports early-stopped
+trials) and is told to Optuna as pruned. Pruner settings: `n_startup_trials=1` (a local tuning job has a handful of
+trials; waiting for Optuna's default 5 completed trials would stop nothing), `n_warmup_steps=1` (never judge on the
+first epoch alone: epoch 0 is noisy and every trial gets one comparison point more), `interval_steps=1`. Only
+completed trials form the median, so with MaxParallelTrainingJobs > 1 the first trials run to the end. Optuna's
+in-memory storage guards every call with a lock, so reporting from the trials' log threads is safe. With early
+stopping Off, the values are still reported (the study holds the learning curves) but nothing is stopped.
 
 A failed trial is reported (TrainingJobStatusCounters.NonRetryableError, ObjectiveStatus Failed) and told to
 Optuna as failed; the tuning job fails only when no trial yields the objective.
@@ -40,6 +50,7 @@ import logging
 import math
 import re
 import sys
+import threading
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from datetime import UTC, datetime
 from pathlib import Path
@@ -52,6 +63,8 @@ from tagflow.local.runner import validate_request as validate_training_request
 from tagflow.sagemaker_config import LOCAL_METRIC_DEFINITIONS, METRIC_DEFINITIONS, TRAINING_NAME_MAX
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     import optuna
 
     from tagflow.s3 import S3Client
@@ -64,6 +77,9 @@ TRAINING_ARN_PREFIX = "arn:aws:sagemaker:local:000000000000:training-job/"
 STRATEGIES = ("Bayesian", "Random")
 SCALINGS = ("Auto", "Linear", "Logarithmic", "ReverseLogarithmic")
 FAILURE_REASON_MAX = 1024
+EPOCH = re.compile(r"Epoch\[(\d+)\]")
+PRUNER_STARTUP_TRIALS = 1  # completed trials before any trial can be stopped (see the module docstring)
+PRUNER_WARMUP_EPOCHS = 1  # the first epoch (0) is never judged
 
 
 @functools.cache
@@ -272,22 +288,23 @@ def _summary(
     return summary
 
 
-def _epoch_values(log_path: Path, metric: str) -> list[float]:
-    """The objective metric, epoch by epoch, from a finished trial's log (its regex from METRIC_DEFINITIONS)."""
-    regex = next(
-        d["Regex"]
-        for d in (*METRIC_DEFINITIONS, *LOCAL_METRIC_DEFINITIONS)
-        if d["Name"] == metric.removesuffix(":epoch")
+def _objective_reader(metric: str) -> Callable[[str], tuple[int, float] | None]:
+    """A function reading (epoch, objective value) from one log line, or None when the line has no value."""
+    regex = re.compile(
+        next(d["Regex"] for d in (*METRIC_DEFINITIONS, *LOCAL_METRIC_DEFINITIONS) if d["Name"] == metric)
     )
-    if not log_path.exists():
-        return []
-    values = []
-    for match in re.finditer(regex, log_path.read_text()):
+
+    def read(line: str) -> tuple[int, float] | None:
+        match, epoch = regex.search(line), EPOCH.search(line)
+        if match is None or epoch is None:
+            return None
         try:
-            values.append(float(match.group(1)))
+            value = float(match.group(1))
         except ValueError:
-            continue
-    return values
+            return None
+        return (int(epoch.group(1)), value) if math.isfinite(value) else None
+
+    return read
 
 
 def run_tuning_job(
@@ -318,31 +335,54 @@ def run_tuning_job(
         else optuna.samplers.RandomSampler(seed)
     )
     direction = "maximize" if objective["Type"] == "Maximize" else "minimize"
+    early_stopping = request["HyperParameterTuningJobConfig"].get("TrainingJobEarlyStoppingType", "Off") == "Auto"
+    pruner = optuna.pruners.MedianPruner(
+        n_startup_trials=PRUNER_STARTUP_TRIALS, n_warmup_steps=PRUNER_WARMUP_EPOCHS, interval_steps=1
+    )
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(study_name=name, direction=direction, sampler=sampler)
+    study = optuna.create_study(study_name=name, direction=direction, sampler=sampler, pruner=pruner)
+    read_objective = _objective_reader(objective["MetricName"])
     trial_dir = Path(workdir) / name
     trial_dir.mkdir(parents=True, exist_ok=True)
     created = datetime.now(UTC)
     log.info(
-        "tuning job %s: %s search, %d trial(s), %d at a time, seed %d",
-        name, config["Strategy"], max_jobs, max_parallel, seed,
+        "tuning job %s: %s search, %d trial(s), %d at a time, seed %d, early stopping %s",
+        name, config["Strategy"], max_jobs, max_parallel, seed, "Auto" if early_stopping else "Off",
     )  # fmt: skip
 
     summaries: list[dict[str, Any]] = []
 
-    def run_trial(number: int, trial: optuna.Trial, tuned: dict[str, str]) -> dict[str, Any]:
+    def run_trial(number: int, trial: optuna.Trial, tuned: dict[str, str]) -> tuple[dict[str, Any], bool]:
+        """Run one trial; (its summary, whether early stopping stopped it)."""
         job = trial_name(name, number, tuned)
         log.info("trial %s: %s", job, tuned)
-        describe = run_training_job(
-            _trial_request(request, job, tuned), workdir=trial_dir, client=client, mxnet_python=mxnet_python
-        )
-        summary = _summary(name, describe, tuned, objective)
-        for epoch, value in enumerate(_epoch_values(trial_dir / job / "training.log", objective["MetricName"])):
+        stop = threading.Event()
+        reported: set[int] = set()
+
+        def on_line(line: str) -> None:
+            found = read_objective(line)
+            if found is None or found[0] in reported or stop.is_set():
+                return
+            epoch, value = found
+            reported.add(epoch)
             trial.report(value, epoch)
-        return summary
+            if early_stopping and trial.should_prune():
+                log.info("trial %s: %s=%s at epoch %d is below the median: stopping it", job,
+                         objective["MetricName"], value, epoch)  # fmt: skip
+                stop.set()
+
+        describe = run_training_job(
+            _trial_request(request, job, tuned),
+            workdir=trial_dir,
+            client=client,
+            mxnet_python=mxnet_python,
+            on_line=on_line,
+            stop=stop,
+        )
+        return _summary(name, describe, tuned, objective), stop.is_set()
 
     with ThreadPoolExecutor(max_workers=max_parallel, thread_name_prefix=f"tune-{name}") as pool:
-        running: dict[Future[dict[str, Any]], optuna.Trial] = {}
+        running: dict[Future[tuple[dict[str, Any], bool]], optuna.Trial] = {}
         started = 0
         while started < max_jobs or running:
             while started < max_jobs and len(running) < max_parallel:
@@ -352,10 +392,13 @@ def run_tuning_job(
             done, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in done:
                 trial = running.pop(future)
-                summary = future.result()
+                summary, stopped = future.result()
                 summaries.append(summary)
                 metric = summary.get("FinalHyperParameterTuningJobObjectiveMetric")
-                if metric is None:
+                if stopped and summary["TrainingJobStatus"] == "Stopped":
+                    study.tell(trial, state=optuna.trial.TrialState.PRUNED)  # Optuna keeps its last reported value
+                    log.info("trial %s stopped early: %s", summary["TrainingJobName"], metric)
+                elif metric is None:
                     study.tell(trial, state=optuna.trial.TrialState.FAIL)
                     log.warning("trial %s failed: %s", summary["TrainingJobName"], summary.get("FailureReason"))
                 else:
