@@ -261,3 +261,29 @@ def test_start_from_s3_and_stop_leaves_no_process(models, s3_client, bucket, tmp
     assert endpoint.stop(state) is False
     with pytest.raises(OSError):
         get(f"{info.url}/ping")
+
+
+def test_serves_an_artifact_laid_out_like_sagemakers_without_our_metrics(models, tmp_path, mxnet_python):
+    """The built-in algorithm's model.tar.gz has the symbol, NNNN.params and model-shapes.json, no metrics.json:
+    the server must pick the highest-numbered params and answer the same as with our file."""
+    import tarfile
+
+    bare = tmp_path / "sagemaker-like.tar.gz"
+    with tarfile.open(models[0]) as src, tarfile.open(bare, "w:gz") as dst:
+        for member in src.getmembers():
+            if member.isfile() and member.name.rsplit("/", 1)[-1] != "metrics.json":
+                dst.addfile(member, src.extractfile(member))
+    with tarfile.open(bare) as check:
+        assert not any(n.endswith("metrics.json") for n in check.getnames())
+    image, _ = render(1001)
+    answers = []
+    for archive in (models[0], bare):
+        state = tmp_path / f"ep-{archive.name}"
+        info = endpoint.start(archive, name="tiny", state_dir=state, mxnet_python=mxnet_python)
+        try:
+            status, probs = post(info.invocations_url, image)
+            assert status == 200
+            answers.append(probs)
+        finally:
+            endpoint.stop(state)
+    assert answers[1] == pytest.approx(answers[0], abs=1e-6)
