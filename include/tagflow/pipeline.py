@@ -5,6 +5,9 @@ inputs from S3 and writes its outputs to S3, under a staging prefix keyed by con
 
     STAGING/plans/<plan_id>/list.lst        the validated list, normalized, sorted by ID
     STAGING/plans/<plan_id>/plan.json       the shard plan and the spec it was made for
+    STAGING/plans/<plan_id>/shards/NNNNN.lst, .json
+                                            one shard's rows of the list and its sources' sizes/ETags, so a
+                                            shard task reads neither the whole list nor a listing of the source
     STAGING/downloads/<shard digest>.tar    one shard's images (stored at paths.local_relpath) + _tagflow/download.json
     STAGING/packed/<labels digest>-<pack params digest>.tar
                                             one shard packed: train.rec/.idx, val.rec/.idx + pack.json
@@ -165,13 +168,17 @@ def prepare(spec: DatasetSpec, client=None) -> PlanRef:
         write_list(listfile, lst)
         s3.put_file(client, lst, base.join("list.lst"))
 
-    def stage_objects(shard: Shard) -> None:
-        paths = listfile.paths[shard.start : shard.stop]
-        doc = {path: known[path] for path in paths if path in known}
-        _put_bytes(client, _objects_uri(base, shard.index), json.dumps(doc, sort_keys=True).encode())
+    def stage_shard(shard: Shard) -> None:
+        """The shard's own slice of the list and its sources' sizes/ETags: a shard task reads only these."""
+        rows = listfile.subset(shard.start, shard.stop)
+        with tempfile.TemporaryDirectory() as tmp:
+            write_list(rows, Path(tmp) / "shard.lst")
+            s3.put_file(client, Path(tmp) / "shard.lst", _shard_uri(base, shard.index, "lst"))
+        objects = {path: known[path] for path in rows.paths if path in known}
+        _put_bytes(client, _shard_uri(base, shard.index, "json"), json.dumps(objects, sort_keys=True).encode())
 
     with ThreadPoolExecutor(16) as pool:
-        list(pool.map(stage_objects, plan.shards))
+        list(pool.map(stage_shard, plan.shards))
     doc = {"spec": spec.to_dict(), "list_sha256": listfile.sha256, "plan": plan.to_dict()}
     _put_bytes(client, base.join("plan.json"), json.dumps(doc, indent=1, sort_keys=True).encode())
     log.info("planned %d images in %d shards (shard size %d)", len(listfile), len(plan.shards), plan.shard_size)
@@ -184,8 +191,8 @@ def prepare(spec: DatasetSpec, client=None) -> PlanRef:
     )
 
 
-def _objects_uri(plan_base: s3.S3Uri, index: int) -> s3.S3Uri:
-    return plan_base.join("objects", f"{index:05d}.json")
+def _shard_uri(plan_base: s3.S3Uri, index: int, ext: str) -> s3.S3Uri:
+    return plan_base.join("shards", f"{index:05d}.{ext}")
 
 
 def _source_objects(client, listfile: ListFile, source: s3.S3Uri | None) -> dict[str, tuple[int, str]]:
@@ -209,6 +216,19 @@ def _load_plan(client, ref: PlanRef, spec: DatasetSpec) -> tuple[ListFile, Shard
     return listfile, ShardPlan.from_dict(doc["plan"]), doc
 
 
+def _load_shard(client, ref: PlanRef, spec: DatasetSpec, index: int) -> tuple[ListFile, Shard, dict[str, tuple]]:
+    """One shard's rows of the list, its plan entry, and its sources' (size, ETag) — without the whole list."""
+    doc = json.loads(read_location(ref.plan_uri, client)[0])
+    shards = ShardPlan.from_dict(doc["plan"]).shards
+    if not 0 <= index < len(shards):
+        raise InputError(f"{ref.plan_uri}: no shard {index} (the plan has {len(shards)})")
+    base = s3.S3Uri.parse(ref.plan_uri.rsplit("/", 1)[0])
+    raw, name = read_location(str(_shard_uri(base, index, "lst")), client)
+    rows = parse_list(raw, spec.num_labels, name=name)
+    objects = json.loads(read_location(str(_shard_uri(base, index, "json")), client)[0])
+    return rows, shards[index], {path: (int(size), etag) for path, (size, etag) in objects.items()}
+
+
 def download_uri(spec: DatasetSpec, digest: str) -> s3.S3Uri:
     return spec.staging.join("downloads", f"{digest}.tar")
 
@@ -222,15 +242,15 @@ def download_shard(spec: DatasetSpec, ref: PlanRef, index: int, client=None) -> 
     from tagflow.download import download
 
     client = client or s3.make_client(pool_size=max(spec.download_workers, 10))
-    listfile, plan, _ = _load_plan(client, ref, spec)
-    shard = plan.shards[index]
+    rows, shard, known = _load_shard(client, ref, spec, index)
     target = download_uri(spec, shard.digest)
     if _exists(client, target):
         log.info("shard %d (%s) already staged at %s", index, shard.digest, target)
         return {"index": index, "staged": str(target), "reused": True}
-    paths = listfile.paths[shard.start : shard.stop]
+    paths = rows.paths
     with tempfile.TemporaryDirectory(prefix="tagflow-dl-") as tmp:
         root = Path(tmp) / "images"
+        # The run-wide threshold is applied in publish; a shard records its bad objects and goes on.
         report = download(
             paths,
             root,
@@ -238,6 +258,7 @@ def download_shard(spec: DatasetSpec, ref: PlanRef, index: int, client=None) -> 
             client=client,
             workers=spec.download_workers,
             max_bad_fraction=1.0,
+            known=known,
         )
         bundle = Path(tmp) / "shard.tar"
         files = sorted({f for f in (local_path(root, p) for p in paths) if f.exists()})
@@ -250,8 +271,7 @@ def download_shard(spec: DatasetSpec, ref: PlanRef, index: int, client=None) -> 
 def pack_shard(spec: DatasetSpec, ref: PlanRef, index: int, client=None) -> dict[str, Any]:
     """Pack one staged shard into train/val RecordIO parts and stage them as one tar; reuse if already staged."""
     client = client or s3.make_client()
-    listfile, plan, _ = _load_plan(client, ref, spec)
-    shard = plan.shards[index]
+    rows_file, shard, _ = _load_shard(client, ref, spec, index)
     target = packed_uri(spec, shard.labels_digest)
     if _exists(client, target):
         log.info("shard %d already packed at %s", index, target)
@@ -264,12 +284,12 @@ def pack_shard(spec: DatasetSpec, ref: PlanRef, index: int, client=None) -> dict
             tar.extractall(root, filter="data")
         # Images the download stage already reported as bad are not packed (and not reported twice).
         failed = {e["path"] for e in _read_member(bundle, REPORT_MEMBER).get("errors", [])}
-        rows = [i for i in range(shard.start, shard.stop) if listfile.paths[i] not in failed]
-        files = {i: local_path(root, listfile.paths[i]) for i in rows}
-        items = [(int(listfile.ids[i]), listfile.labels[i], files[i]) for i in rows]
+        rows = [i for i in range(len(rows_file)) if rows_file.paths[i] not in failed]
+        files = {i: local_path(root, rows_file.paths[i]) for i in rows}
+        items = [(int(rows_file.ids[i]), rows_file.labels[i], files[i]) for i in rows]
         out = Path(tmp) / "packed"
         report = pack(items, out, spec.pack, workers=spec.pack_workers).to_dict()
-        list_path = {str(files[i]): listfile.paths[i] for i in rows}
+        list_path = {str(files[i]): rows_file.paths[i] for i in rows}
         for err in report["errors"]:  # name the image as the list does, not by its temporary file
             err["path"] = list_path.get(err["path"], err["path"])
         packed = Path(tmp) / "packed.tar"
