@@ -65,7 +65,7 @@ def test_run_writes_seed_layout_that_mxnet_reads(s3_client, bucket, designs, tmp
             assert min(r["shape"][:2]) == 96
             seen[r["key"]] = split
         with RecordReader(rec, idx) as reader:
-            for key in reader.keys():
+            for key in reader.keys():  # noqa: SIM118 (iterating a reader yields records, not keys)
                 header, labels, _ = unpack_payload(reader.read(key))
                 assert header.id == key and labels.tolist() == expected[key]
     assert set(seen) == set(expected)
@@ -132,3 +132,17 @@ def test_bad_list_fails_before_anything_is_staged(s3_client, bucket, designs):
     with pytest.raises(ListFileError, match=r"bad\.lst:1: "):
         pipeline.prepare(_spec(designs, bucket, list_uri=f"s3://{bucket}/raw/lists/bad.lst"), s3_client)
     assert not _keys(s3_client, bucket, "dataset/")
+
+
+def test_shard_tasks_read_their_slice_and_list_nothing(s3_client, bucket, designs):
+    spec = _spec(designs, bucket)
+    ref = pipeline.prepare(spec, s3_client)
+    client = s3.make_client()
+    calls: list[str] = []
+    client.meta.events.register("before-call.s3", lambda model, **_: calls.append(model.name))
+    result = pipeline.download_shard(spec, ref, 1, client)
+    assert not result["reused"]
+    assert "ListObjectsV2" not in calls and "HeadObject" in calls  # HEAD: is the bundle already staged?
+    fetched = [c for c in calls if c == "GetObject"]
+    plan = json.loads(pipeline.read_location(ref.plan_uri, s3_client)[0])["plan"]["shards"][1]
+    assert len(fetched) == 3 + (plan["stop"] - plan["start"])  # plan.json, shard .lst and .json, then its images
