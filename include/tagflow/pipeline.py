@@ -16,7 +16,8 @@ Each staged object is written whole by one PUT, so it either exists complete or 
 output already exists does nothing. Because shard digests cover (ID, path, source ETag) and packed digests cover
 labels and pack parameters too, a later run over a grown list fetches and packs only the shards that changed.
 
-`publish` merges the packed shards in shard order into the seed's layout:
+`publish` merges the packed shards (whose pack.json also carries the download stage's bad objects, so the image
+bundles are not fetched again) in shard order into the seed's layout:
 
     DATASET/training/train.rec, train.idx     DATASET/validation/val.rec, val.idx     DATASET/training/manifest.json
 
@@ -52,6 +53,7 @@ SPLITS = ("train", "val")
 SPLIT_FOLDER = {"train": "training", "val": "validation"}
 REPORT_MEMBER = "_tagflow/download.json"
 PACK_MEMBER = "pack.json"
+STAGE_FORMAT = 2  # bump when a staged bundle's contents change meaning, so old bundles are not reused
 
 
 @dataclass(frozen=True)
@@ -234,7 +236,7 @@ def download_uri(spec: DatasetSpec, digest: str) -> s3.S3Uri:
 
 
 def packed_uri(spec: DatasetSpec, labels_digest: str) -> s3.S3Uri:
-    return spec.staging.join("packed", f"{labels_digest}-{spec.pack.digest()}.tar")
+    return spec.staging.join("packed", f"{labels_digest}-{spec.pack.digest()}-v{STAGE_FORMAT}.tar")
 
 
 def download_shard(spec: DatasetSpec, ref: PlanRef, index: int, client=None) -> dict[str, Any]:
@@ -283,7 +285,8 @@ def pack_shard(spec: DatasetSpec, ref: PlanRef, index: int, client=None) -> dict
         with tarfile.open(bundle) as tar:
             tar.extractall(root, filter="data")
         # Images the download stage already reported as bad are not packed (and not reported twice).
-        failed = {e["path"] for e in _read_member(bundle, REPORT_MEMBER).get("errors", [])}
+        download_errors = _read_member(bundle, REPORT_MEMBER).get("errors", [])
+        failed = {e["path"] for e in download_errors}
         rows = [i for i in range(len(rows_file)) if rows_file.paths[i] not in failed]
         files = {i: local_path(root, rows_file.paths[i]) for i in rows}
         items = [(int(rows_file.ids[i]), rows_file.labels[i], files[i]) for i in rows]
@@ -292,6 +295,7 @@ def pack_shard(spec: DatasetSpec, ref: PlanRef, index: int, client=None) -> dict
         list_path = {str(files[i]): rows_file.paths[i] for i in rows}
         for err in report["errors"]:  # name the image as the list does, not by its temporary file
             err["path"] = list_path.get(err["path"], err["path"])
+        report["download_errors"] = download_errors  # so publish never fetches the image bundles again
         packed = Path(tmp) / "packed.tar"
         members = [out / f"{split}.{ext}" for split in SPLITS for ext in ("rec", "idx")]
         _write_tar(packed, out, members, {PACK_MEMBER: report})
@@ -341,17 +345,14 @@ def publish(spec: DatasetSpec, ref: PlanRef, client=None, *, code_revision: str 
         work = Path(tmp)
         parts: dict[str, list[tuple[Path, Path]]] = {split: [] for split in SPLITS}
         for shard in plan.shards:
-            down = work / f"d{shard.index}.tar"
-            s3.get_file(client, download_uri(spec, shard.digest), down)
-            errors += _read_member(down, REPORT_MEMBER).get("errors", [])
-            down.unlink()
             packed = work / f"p{shard.index}.tar"
             s3.get_file(client, packed_uri(spec, shard.labels_digest), packed)
             shard_dir = work / f"s{shard.index}"
             with tarfile.open(packed) as tar:
                 tar.extractall(shard_dir, filter="data")
             packed.unlink()
-            errors += json.loads((shard_dir / PACK_MEMBER).read_text()).get("errors", [])
+            packed_report = json.loads((shard_dir / PACK_MEMBER).read_text())
+            errors += packed_report.get("download_errors", []) + packed_report.get("errors", [])
             for split in SPLITS:
                 parts[split].append((shard_dir / f"{split}.rec", shard_dir / f"{split}.idx"))
         check_bad_fraction(errors, len(listfile), spec.max_bad_fraction)
