@@ -32,19 +32,20 @@ def test_bucket_is_not_created_on_upload(s3_client):
         s3_client.put_object(Bucket="no-such-bucket-here", Key="k", Body=b"x")
 
 
+def _client(info: s3server.ServerInfo):
+    """A client with this server's own credentials (not the test session's)."""
+    session = boto3.session.Session(
+        aws_access_key_id=info.access_key, aws_secret_access_key=info.secret_key, region_name=info.region
+    )
+    return s3.make_client(info.endpoint, session=session)
+
+
 def test_start_is_idempotent_and_data_survives_restart(tmp_path):
     state = tmp_path / "srv"
     first = s3server.start(state)
     try:
         assert s3server.start(state).pid == first.pid
-        client = s3.make_client(
-            first.endpoint,
-            session=boto3.session.Session(
-                aws_access_key_id=first.access_key,
-                aws_secret_access_key=first.secret_key,
-                region_name=first.region,
-            ),
-        )
+        client = _client(first)
         client.create_bucket(Bucket="keep")
         client.put_object(Bucket="keep", Key="a/b.txt", Body=b"persisted")
         assert s3server.stop(state) is True
@@ -52,14 +53,7 @@ def test_start_is_idempotent_and_data_survives_restart(tmp_path):
         assert s3server.stop(state) is False
         second = s3server.start(state)
         assert second.pid != first.pid
-        client = s3.make_client(
-            second.endpoint,
-            session=boto3.session.Session(
-                aws_access_key_id=second.access_key,
-                aws_secret_access_key=second.secret_key,
-                region_name=second.region,
-            ),
-        )
+        client = _client(second)
         assert client.get_object(Bucket="keep", Key="a/b.txt")["Body"].read() == b"persisted"
     finally:
         s3server.stop(state)
