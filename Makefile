@@ -33,8 +33,8 @@ $(MXVENV)/.installed: requirements-mxnet.txt | $(UV)
 	touch $@
 
 lint: venvs
-	$(VENV)/bin/ruff check include tests bench algo
-	$(VENV)/bin/ruff format --check include tests bench algo
+	$(VENV)/bin/ruff check include plugins dags tests bench algo
+	$(VENV)/bin/ruff format --check include plugins dags tests bench algo
 
 # Regenerate the three locks from their .in files (needs the package registry).
 lock: | $(UV)

@@ -115,6 +115,33 @@ def parse_list(source: bytes | str | Path, num_labels: int, *, name: str | None 
     return lf
 
 
+def concat_lists(parts: list[ListFile], *, name: str) -> ListFile:
+    """Several list files as one (e.g. a list's daily partitions), in the order given.
+
+    An image ID may appear in only one of them; a repeat names both files. The result's sha256 covers each part's
+    name and content hash, so the same partitions give the same digest.
+    """
+    if not parts:
+        raise InputError(f"{name}: no list file to read")
+    seen: dict[int, str] = {}
+    problems: list[str] = []
+    for part in parts:
+        for image_id in part.ids.tolist():
+            first = seen.setdefault(image_id, part.name)
+            if first != part.name:
+                problems.append(f"{part.name}: ID {image_id} is already listed in {first}; each image is listed once")
+    if problems:
+        raise ListFileError(problems)
+    digest = hashlib.sha256("\n".join(f"{p.name}\t{p.sha256}" for p in parts).encode()).hexdigest()
+    return ListFile(
+        name=name,
+        ids=np.concatenate([p.ids for p in parts]),
+        labels=np.concatenate([p.labels for p in parts]),
+        paths=[path for p in parts for path in p.paths],
+        sha256=digest,
+    )
+
+
 # ---------------------------------------------------------------------------------------------------- parsing
 
 

@@ -409,8 +409,11 @@ def pack(
         _init_worker(params)
         results: Iterable[tuple[bytes | None, str | None]] = map(_encode_file, paths)
     else:
-        # fork is cheap and the workers need only this module; the pool lives only inside this call.
-        pool = multiprocessing.get_context("fork").Pool(workers, initializer=_init_worker, initargs=(params,))
+        # forkserver, not fork: a caller that runs threads (an Airflow task, with its supervisor's API thread) can
+        # deadlock a forked child on a lock some thread held. The pool lives only inside this call.
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(["tagflow.pack"])
+        pool = ctx.Pool(workers, initializer=_init_worker, initargs=(params,))
         results = pool.imap(_encode_file, paths, chunksize=max(1, min(64, total // (workers * 8) or 1)))
     try:
         with (

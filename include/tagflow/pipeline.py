@@ -30,18 +30,21 @@ import hashlib
 import io
 import json
 import logging
+import re
 import tarfile
 import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, date, datetime
+from datetime import time as dt_time
 from pathlib import Path
 from typing import Any
 
 from tagflow import manifest, s3
 from tagflow.errors import InputError, check_bad_fraction
-from tagflow.listfile import ListFile, default_label_names, parse_list, read_label_names, write_list
+from tagflow.listfile import ListFile, concat_lists, default_label_names, parse_list, read_label_names, write_list
 from tagflow.pack import PackParams, pack
 from tagflow.paths import local_path, source_uri
 from tagflow.recordio import merge_records
@@ -71,6 +74,7 @@ class DatasetSpec:
     max_bad_fraction: float = 0.01
     download_workers: int = 32
     pack_workers: int | None = None
+    list_until: str | None = None  # ISO time; with a partitioned list_uri, partitions dated before it are read
 
     @property
     def staging(self) -> s3.S3Uri:
@@ -157,8 +161,7 @@ def prepare(spec: DatasetSpec, client=None) -> PlanRef:
     1,000 objects); each shard's sizes and ETags are staged beside the plan, so download tasks need no listing.
     """
     client = client or s3.make_client()
-    raw, name = read_location(spec.list_uri, client)
-    listfile = parse_list(raw, spec.num_labels, name=name).sorted_by_id()
+    listfile = read_list(spec, client).sorted_by_id()
     for bucket in {spec.staging.bucket, s3.S3Uri.parse(spec.dataset_uri).bucket}:
         s3.require_bucket(client, bucket)
     known = _source_objects(client, listfile, spec.source)
@@ -191,6 +194,46 @@ def prepare(spec: DatasetSpec, client=None) -> PlanRef:
         num_shards=len(plan.shards),
         shard_size=plan.shard_size,
     )
+
+
+PARTITION_RE = re.compile(r"dt=(\d{4}-\d{2}-\d{2})/[^/]+\.lst")
+
+
+def list_partitions(client, prefix: s3.S3Uri, until: datetime | None) -> list[tuple[date, s3.S3Uri]]:
+    """The `dt=YYYY-MM-DD/*.lst` list files directly below `prefix`, oldest first; with `until`, only the
+    partitions dated before it (a partition's date is its day's start, UTC)."""
+    found = []
+    for key in sorted(s3.list_objects(client, prefix)):
+        match = PARTITION_RE.fullmatch(key[len(prefix.key) :].lstrip("/"))
+        if not match:
+            continue
+        try:
+            day = date.fromisoformat(match[1])
+        except ValueError:
+            problem = f"{match[1]!r} is not a date (expected dt=YYYY-MM-DD)"
+            raise InputError(f"s3://{prefix.bucket}/{key}: {problem}") from None
+        if until is None or datetime.combine(day, dt_time(), UTC) < until:
+            found.append((day, s3.S3Uri(prefix.bucket, key)))
+    return found
+
+
+def read_list(spec: DatasetSpec, client=None) -> ListFile:
+    """The run's list: one file, or every partition below a prefix ending in `/` up to `spec.list_until`."""
+    client = client or s3.make_client()
+    if not spec.list_uri.endswith("/"):
+        raw, name = read_location(spec.list_uri, client)
+        return parse_list(raw, spec.num_labels, name=name)
+    until = datetime.fromisoformat(spec.list_until) if spec.list_until else None
+    partitions = list_partitions(client, s3.S3Uri.parse(spec.list_uri), until)
+    if not partitions:
+        when = f" dated before {until.isoformat()}" if until else ""
+        raise InputError(f"{spec.list_uri}: no dt=YYYY-MM-DD/*.lst partition{when}")
+    parts = []
+    for _, uri in partitions:
+        raw, name = read_location(str(uri), client)
+        parts.append(parse_list(raw, spec.num_labels, name=name))
+    log.info("list %s: %d partition(s), %s to %s", spec.list_uri, len(parts), partitions[0][0], partitions[-1][0])
+    return concat_lists(parts, name=spec.list_uri)
 
 
 def _shard_uri(plan_base: s3.S3Uri, index: int, ext: str) -> s3.S3Uri:

@@ -70,14 +70,14 @@ def _next_model_dir(state_dir: Path) -> Path:
     return models / str(max(numbers, default=0) + 1)
 
 
-def fetch_model(model_tar: Path | str, dest: Path) -> Path:
+def fetch_model(model_tar: Path | str, dest: Path, client: s3.S3Client | None = None) -> Path:
     """Extract `model_tar` (a path or an s3:// URI to a model.tar.gz) into `dest`; InputError if it is no model."""
     source = str(model_tar)
     dest.mkdir(parents=True, exist_ok=False)
     try:
         if source.startswith("s3://"):
             archive = dest / "model.tar.gz"
-            s3.get_file(s3.make_client(), s3.S3Uri.parse(source), archive)
+            s3.get_file(client or s3.make_client(), s3.S3Uri.parse(source), archive)
         else:
             archive = Path(source)
             if not archive.is_file():
@@ -153,6 +153,7 @@ def start(
     state_dir: Path | None = None,
     workers: int = 1,
     mxnet_python: Path | None = None,
+    client: s3.S3Client | None = None,
 ) -> EndpointInfo:
     """Serve `model_tar` as endpoint `name` (port None: a free one); returns the one already running there, if any.
 
@@ -169,7 +170,7 @@ def start(
         return running
     state_dir.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(state_dir / "models", ignore_errors=True)
-    model_dir = fetch_model(model_tar, _next_model_dir(state_dir))
+    model_dir = fetch_model(model_tar, _next_model_dir(state_dir), client)
     port = port or process.free_ports(1, host)[0]
     python = mxnet_python or default_python()
     args = [
@@ -206,13 +207,13 @@ def start(
     return info
 
 
-def swap(state_dir: Path, model_tar: Path | str) -> EndpointInfo:
+def swap(state_dir: Path, model_tar: Path | str, client: s3.S3Client | None = None) -> EndpointInfo:
     """Serve `model_tar` instead, without dropping requests: the server loads it fully, then switches."""
     state_dir = state_dir.resolve()
     info = status(state_dir)
     if info is None:
         raise TagflowError(f"no endpoint runs for {state_dir}; start one first")
-    model_dir = fetch_model(model_tar, _next_model_dir(state_dir))
+    model_dir = fetch_model(model_tar, _next_model_dir(state_dir), client)
     body = json.dumps({"model_dir": str(model_dir), "source": str(model_tar)}).encode()
     request = urllib.request.Request(
         f"{info.url}/admin/load", data=body, method="POST", headers={"Content-Type": "application/json"}
@@ -253,12 +254,12 @@ def content_type_of(data: bytes) -> str:
     return next((ct for magic, ct in CONTENT_TYPES.items() if data.startswith(magic)), "application/x-image")
 
 
-def invoke(info: EndpointInfo, data: bytes, content_type: str | None = None) -> list[float]:
-    """Class probabilities for one image, through boto3's sagemaker-runtime client as on SageMaker."""
+def runtime_client(info: EndpointInfo):
+    """A boto3 sagemaker-runtime client for the local endpoint: `invoke_endpoint` works as on SageMaker."""
     import boto3
     from botocore.config import Config
 
-    runtime = boto3.client(
+    return boto3.client(
         "sagemaker-runtime",
         endpoint_url=info.url,
         region_name=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
@@ -266,7 +267,19 @@ def invoke(info: EndpointInfo, data: bytes, content_type: str | None = None) -> 
         aws_secret_access_key="local",
         config=Config(retries={"max_attempts": 2, "mode": "standard"}),
     )
-    response = runtime.invoke_endpoint(
+
+
+def metadata(info: EndpointInfo) -> dict:
+    """What the endpoint reports about its model (`GET /metadata`: source, shapes, metrics.json)."""
+    code, body = _get(f"{info.url}/metadata", timeout=10)
+    if code != 200:
+        raise TagflowError(f"endpoint {info.name} at {info.url}: /metadata answered HTTP {code}")
+    return json.loads(body)
+
+
+def invoke(info: EndpointInfo, data: bytes, content_type: str | None = None) -> list[float]:
+    """Class probabilities for one image, through boto3's sagemaker-runtime client as on SageMaker."""
+    response = runtime_client(info).invoke_endpoint(
         EndpointName=info.name, ContentType=content_type or content_type_of(data), Body=data
     )
     return json.loads(response["Body"].read())

@@ -1,0 +1,142 @@
+"""
+# tagflow — train and ship the multi-label design tagger
+
+One run: **resolve the form** → **prepare** (parse and validate the list file, plan shards) → per shard
+**download** and **pack** (mapped, any worker) → **publish** `PREFIX/training/train.rec`,
+`PREFIX/validation/val.rec` and the manifest → **train** or **tune** (local algorithm environment, or SageMaker's
+built-in image-classification algorithm) → **evaluate gate** → **deploy** → **smoke test** the endpoint.
+
+- Trigger it with the form (**Trigger DAG**): pick a preset (`50-label-rs96`, `ic-multi-label`) and override any
+  field; empty Dataset fields take the preset's values. `num_classes` and `num_training_samples` always come from
+  the packed data.
+- It retrains on its schedule (`TAGFLOW_SCHEDULE`, default weekly). A list URI ending in `/` reads the date
+  partitions `dt=YYYY-MM-DD/*.lst` dated before the run's interval end, so `airflow backfill create` over past days
+  trains on what existed each day; shards already downloaded and packed are reused, so a run pays only for new
+  images.
+- Tasks hand each other S3 keys, never data: any worker can run any task.
+- The gate deploys only a model whose objective reaches `metric_gate` and is not worse than the serving model's.
+- Assets: `tagflow-dataset` (each publish) and `tagflow-model` (each trained model, with its metric and the
+  gate's decision in the event's extra).
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import datetime, timedelta
+
+from airflow.providers.amazon.aws.operators.sagemaker import SageMakerEndpointOperator, SageMakerModelOperator
+from airflow.sdk import DAG, Asset, Param, TriggerRule, chain, task_group
+from airflow.timetables.interval import CronDataIntervalTimetable
+
+from tagflow.runconfig import PARAMS
+from tagflow_ops.operators import (
+    ChooseBranchOperator,
+    DeployGateOperator,
+    DownloadShardOperator,
+    LocalDeployOperator,
+    LocalTrainingOperator,
+    LocalTuningOperator,
+    PackShardOperator,
+    PrepareDatasetOperator,
+    PublishDatasetOperator,
+    ResolveConfigOperator,
+    SageMakerEndpointConfigOperator,
+    SageMakerRequestOperator,
+    SmokeTestOperator,
+    TagflowSageMakerTrainingOperator,
+    TagflowSageMakerTuningOperator,
+)
+
+SCHEDULE = os.environ.get("TAGFLOW_SCHEDULE", "@weekly")
+AWS_CONN_ID = "aws_default"
+DATASET = Asset("tagflow-dataset")
+MODEL = Asset("tagflow-model")
+TRAINING_TASKS = ["local_train", "local_tune", "sagemaker_train", "sagemaker_tune"]
+CONFIG = "{{ ti.xcom_pull(task_ids='resolve_config') }}"
+
+with DAG(
+    dag_id="tagflow",
+    description="List file → RecordIO → SageMaker image-classification (multi-label) → endpoint",
+    doc_md=__doc__,
+    schedule=CronDataIntervalTimetable(SCHEDULE, timezone="UTC"),
+    start_date=datetime(2026, 1, 1),
+    catchup=False,
+    max_active_runs=1,
+    tags=["tagflow", "ml", "sagemaker"],
+    params={name: Param(**spec) for name, spec in PARAMS.items()},
+    render_template_as_native_obj=True,
+    default_args={
+        "aws_conn_id": AWS_CONN_ID,
+        "retries": 2,
+        "retry_delay": timedelta(minutes=1),
+        "retry_exponential_backoff": True,
+        "execution_timeout": timedelta(hours=2),
+    },
+) as dag:
+    config = ResolveConfigOperator(task_id="resolve_config", retries=0, execution_timeout=timedelta(minutes=5))
+    prepare = PrepareDatasetOperator(task_id="prepare", config=CONFIG)
+
+    @task_group(group_id="shard")
+    def shard(index: int) -> None:
+        download = DownloadShardOperator(task_id="download", config=CONFIG, plan=prepare.output["plan"], shard=index)
+        pack = PackShardOperator(task_id="pack", config=CONFIG, plan=prepare.output["plan"], shard=index)
+        download >> pack
+
+    shards = shard.expand(index=prepare.output)
+    publish = PublishDatasetOperator(task_id="publish", config=CONFIG, plan=prepare.output["plan"], outlets=[DATASET])
+
+    choose_training = ChooseBranchOperator(
+        task_id="choose_training",
+        key="{{ ti.xcom_pull(task_ids='resolve_config')['backend'] }}/"
+        "{{ ti.xcom_pull(task_ids='resolve_config')['mode'] }}",
+        branches={
+            "local/train": "local_train",
+            "local/tune": "local_tune",
+            "sagemaker/train": "sagemaker_training_request",
+            "sagemaker/tune": "sagemaker_tuning_request",
+        },
+    )
+    local_train = LocalTrainingOperator(task_id="local_train", config=CONFIG, execution_timeout=timedelta(hours=48))
+    local_tune = LocalTuningOperator(task_id="local_tune", config=CONFIG, execution_timeout=timedelta(hours=96))
+    training_request = SageMakerRequestOperator(task_id="sagemaker_training_request", config=CONFIG, kind="training")
+    tuning_request = SageMakerRequestOperator(task_id="sagemaker_tuning_request", config=CONFIG, kind="tuning")
+    sagemaker_train = TagflowSageMakerTrainingOperator(
+        task_id="sagemaker_train", config=training_request.output, deferrable=True,
+        execution_timeout=timedelta(hours=48),
+    )  # fmt: skip
+    sagemaker_tune = TagflowSageMakerTuningOperator(
+        task_id="sagemaker_tune", config=tuning_request.output, deferrable=True, execution_timeout=timedelta(hours=96)
+    )
+
+    gate = DeployGateOperator(
+        task_id="evaluate_gate",
+        config=CONFIG,
+        candidates=TRAINING_TASKS,
+        trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS,
+        outlets=[MODEL],
+    )
+    choose_deploy = ChooseBranchOperator(
+        task_id="choose_deploy",
+        key="{{ ti.xcom_pull(task_ids='evaluate_gate')['route'] }}",
+        branches={"local": "deploy_local", "sagemaker": "sagemaker_endpoint_config", "keep": None},
+    )
+    deploy_local = LocalDeployOperator(task_id="deploy_local", config=CONFIG, decision=gate.output)
+    endpoint_config = SageMakerEndpointConfigOperator(
+        task_id="sagemaker_endpoint_config", config=CONFIG, decision=gate.output
+    )
+    sagemaker_model = SageMakerModelOperator(task_id="sagemaker_model", config=endpoint_config.output["model"])
+    sagemaker_deploy = SageMakerEndpointOperator(
+        task_id="sagemaker_deploy", config=endpoint_config.output, operation="create", deferrable=True
+    )
+    smoke_test = SmokeTestOperator(
+        task_id="smoke_test", config=CONFIG, trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS
+    )
+
+    chain(config, prepare, shards, publish, choose_training)
+    choose_training >> [local_train, local_tune, training_request, tuning_request]
+    training_request >> sagemaker_train
+    tuning_request >> sagemaker_tune
+    [local_train, local_tune, sagemaker_train, sagemaker_tune] >> gate >> choose_deploy
+    choose_deploy >> [deploy_local, endpoint_config]
+    chain(endpoint_config, sagemaker_model, sagemaker_deploy)
+    [deploy_local, sagemaker_deploy] >> smoke_test

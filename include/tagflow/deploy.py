@@ -1,0 +1,147 @@
+"""Deciding whether a new model replaces the serving one, the SageMaker endpoint requests that do it, and the
+smoke test that proves the endpoint answers afterwards.
+
+The gate deploys only a model whose objective metric reaches the run's threshold and is not worse than the
+model being served. The serving model's value is read where each backend keeps it: the local endpoint reports its
+model's metrics.json at `/metadata`; on SageMaker every endpoint config tagflow creates carries the objective as
+tags (`tagflow:objective-metric`, `tagflow:objective-value`), read back from the endpoint's current config.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from tagflow import s3
+from tagflow.errors import TagflowError
+from tagflow.recordio import RecordReader, unpack_payload
+from tagflow.sagemaker_config import job_name
+
+METRIC_TAG = "tagflow:objective-metric"
+VALUE_TAG = "tagflow:objective-value"
+JOB_TAG = "tagflow:training-job"
+
+
+def gate(candidate: Mapping[str, Any], threshold: float, serving: float | None) -> dict[str, Any]:
+    """{"deploy": bool, "reason": str}: deploy if the candidate's objective ≥ threshold and ≥ the serving model's."""
+    metric, value = candidate["metric"], candidate.get("value")
+    if value is None or not math.isfinite(value):
+        return {"deploy": False, "reason": f"the new model has no {metric} value; the endpoint is left as it is"}
+    if value < threshold:
+        return {"deploy": False, "reason": f"{metric} {value:.4f} is below the gate {threshold:.4f}"}
+    if serving is not None and value < serving:
+        return {
+            "deploy": False,
+            "reason": f"{metric} {value:.4f} is worse than the serving model's {serving:.4f}",
+        }
+    against = f"the serving model's {serving:.4f}" if serving is not None else "no serving model"
+    return {"deploy": True, "reason": f"{metric} {value:.4f} passes the gate {threshold:.4f} and {against}"}
+
+
+def local_serving_value(metadata: Mapping[str, Any] | None, metric: str) -> float | None:
+    """The serving model's `metric` from the local endpoint's /metadata (its metrics.json), if it has one."""
+    if not metadata:
+        return None
+    validation = ((metadata.get("metrics") or {}).get("validation")) or {}
+    value = validation.get(metric.split(":", 1)[-1])
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def tagged_value(tags: Sequence[Mapping[str, str]], metric: str) -> float | None:
+    """The objective recorded in an endpoint config's tags, if it is `metric`."""
+    found = {t["Key"]: t["Value"] for t in tags}
+    if found.get(METRIC_TAG) != metric:
+        return None
+    try:
+        return float(found[VALUE_TAG])
+    except (KeyError, ValueError):
+        return None
+
+
+def objective_tags(candidate: Mapping[str, Any]) -> list[dict[str, str]]:
+    return [
+        {"Key": METRIC_TAG, "Value": candidate["metric"]},
+        {"Key": VALUE_TAG, "Value": repr(float(candidate["value"]))},
+        {"Key": JOB_TAG, "Value": candidate["job"]},
+    ]
+
+
+def sagemaker_endpoint_config(
+    candidate: Mapping[str, Any],
+    *,
+    run_key: str,
+    endpoint_name: str,
+    image_uri: str,
+    role_arn: str,
+    instance_type: str,
+    instance_count: int = 1,
+) -> dict[str, Any]:
+    """The SageMakerEndpointOperator config (Model, EndpointConfig, Endpoint) serving `candidate`.
+
+    Model and endpoint-config names are new per run, so an update is blue/green: SageMaker keeps the old config
+    serving until the new one is InService, and a failed update leaves it serving. Old configs are not deleted.
+    """
+    model_name = job_name(f"{endpoint_name}-model", run_key)
+    config_name = job_name(f"{endpoint_name}-config", run_key)
+    tags = objective_tags(candidate)
+    return {
+        "Model": {
+            "ModelName": model_name,
+            "PrimaryContainer": {"Image": image_uri, "ModelDataUrl": candidate["model_data_url"]},
+            "ExecutionRoleArn": role_arn,
+            "Tags": tags,
+        },
+        "EndpointConfig": {
+            "EndpointConfigName": config_name,
+            "ProductionVariants": [
+                {
+                    "VariantName": "AllTraffic",
+                    "ModelName": model_name,
+                    "InitialInstanceCount": instance_count,
+                    "InstanceType": instance_type,
+                    "InitialVariantWeight": 1.0,
+                }
+            ],
+            "Tags": tags,
+        },
+        "Endpoint": {"EndpointName": endpoint_name, "EndpointConfigName": config_name},
+    }
+
+
+def smoke_image(dataset_uri: str, client=None) -> tuple[int, bytes]:
+    """(image ID, encoded bytes) of the first validation record, fetched with two small reads (no full download)."""
+    client = client or s3.make_client()
+    dataset = s3.S3Uri.parse(dataset_uri)
+    idx, rec = dataset.join("validation", "val.idx"), dataset.join("validation", "val.rec")
+    lines = client.get_object(Bucket=idx.bucket, Key=idx.key)["Body"].read().decode().split("\n")
+    offsets = [int(line.split("\t")[1]) for line in lines[:2] if line.strip()]
+    if not offsets:
+        raise TagflowError(f"{idx}: no validation record to smoke-test the endpoint with")
+    byte_range = f"bytes={offsets[0]}-{offsets[1] - 1}" if len(offsets) > 1 else f"bytes={offsets[0]}-"
+    data = client.get_object(Bucket=rec.bucket, Key=rec.key, Range=byte_range)["Body"].read()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "first.rec"
+        path.write_bytes(data)
+        with RecordReader(path) as reader:
+            header, _, image = unpack_payload(reader.read_at(0))
+    return int(header.id), image
+
+
+def check_prediction(body: bytes, num_classes: int, endpoint: str) -> list[float]:
+    """The endpoint's answer as probabilities; TagflowError unless it is `num_classes` numbers in [0, 1]."""
+    try:
+        probabilities = json.loads(body)
+    except ValueError:
+        raise TagflowError(f"endpoint {endpoint} answered {body[:80]!r}, not JSON") from None
+    if not (
+        isinstance(probabilities, list)
+        and len(probabilities) == num_classes
+        and all(isinstance(p, (int, float)) and 0.0 <= p <= 1.0 for p in probabilities)
+    ):
+        raise TagflowError(f"endpoint {endpoint} answered {str(probabilities)[:120]}; expected {num_classes} "
+                           "probabilities in [0, 1]")  # fmt: skip
+    return [float(p) for p in probabilities]

@@ -1,0 +1,146 @@
+"""From a run's configuration and its packed dataset to training/tuning requests, and from a finished job to the
+model candidate the deploy gate judges. Both backends use these: the provider's SageMaker operators send the
+requests to AWS, the local operators hand the very same dicts to `tagflow.local.runner` / `tagflow.local.tuner`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from tagflow import s3
+from tagflow.errors import InputError, TagflowError
+from tagflow.pack import PackParams
+from tagflow.pipeline import DatasetSpec, read_location
+from tagflow.runconfig import RunConfig
+from tagflow.sagemaker_config import (
+    dataset_channels,
+    dataset_hyperparameters,
+    training_job_name,
+    training_job_request,
+    tuning_job_name,
+    tuning_job_request,
+)
+
+JOB_PREFIX = "tagflow"
+
+
+def dataset_spec(cfg: RunConfig, *, pack_workers: int | None = None) -> DatasetSpec:
+    """The data plane's spec for this run (staging below the dataset prefix, so shards are reused across runs)."""
+    return DatasetSpec(
+        list_uri=cfg.list_uri,
+        dataset_uri=cfg.dataset_uri,
+        num_labels=cfg.num_labels,
+        source_uri=cfg.images_uri,
+        labels_uri=cfg.labels_uri,
+        shard_size=cfg.shard_size,
+        pack=PackParams(resize=cfg.resize, quality=cfg.quality, train_ratio=cfg.train_ratio),
+        pack_workers=pack_workers,
+        list_until=cfg.list_until,
+    )
+
+
+def read_manifest(dataset_uri: str, client=None) -> dict[str, Any]:
+    """The packed dataset's manifest.json (written last by publish, so the .rec files it describes exist)."""
+    uri = str(s3.S3Uri.parse(dataset_uri).join("training", "manifest.json"))
+    data, name = read_location(uri, client)
+    try:
+        return json.loads(data)
+    except ValueError as err:
+        raise InputError(f"{name}: not JSON ({err})") from None
+
+
+def job_names(run_id: str, try_number: int) -> dict[str, str]:
+    """This try's training and tuning job names: deterministic, so a re-executed try finds its own job, and
+    different per try, so a retry after a failed job never collides with it."""
+    key = f"{run_id}-t{try_number}"
+    return {"training": training_job_name(JOB_PREFIX, key), "tuning": tuning_job_name(JOB_PREFIX, key)}
+
+
+def training_request(
+    cfg: RunConfig, manifest: Mapping[str, Any], *, job_name: str, image_uri: str, role_arn: str
+) -> dict[str, Any]:
+    """CreateTrainingJob for this run: the form's hyperparameters plus those the packed data decides."""
+    return training_job_request(
+        job_name,
+        image_uri=image_uri,
+        role_arn=role_arn,
+        **dataset_channels(cfg.dataset_uri),
+        hyperparameters={**cfg.hyperparameters, **dataset_hyperparameters(manifest)},
+        instance_type=cfg.instance_type,
+        instance_count=cfg.instance_count,
+        max_runtime_s=cfg.max_runtime_s,
+    )
+
+
+def tuning_request(
+    cfg: RunConfig, manifest: Mapping[str, Any], *, tuning_name: str, image_uri: str, role_arn: str
+) -> dict[str, Any]:
+    """CreateHyperParameterTuningJob for this run, tuning `cfg.tuning_ranges` around `training_request`."""
+    training = training_request(cfg, manifest, job_name=f"{tuning_name}-def", image_uri=image_uri, role_arn=role_arn)
+    return tuning_job_request(
+        tuning_name,
+        training=training,
+        ranges=cfg.tuning_ranges,
+        strategy=cfg.tuning_strategy,
+        max_jobs=cfg.max_jobs,
+        max_parallel=cfg.max_parallel_jobs,
+        objective_metric=cfg.objective_metric,
+    )
+
+
+def training_candidate(describe: Mapping[str, Any], metric: str) -> dict[str, Any]:
+    """The model a finished training job produced and its objective value (DescribeTrainingJob's shape).
+
+    A job that did not complete raises TagflowError with SageMaker's FailureReason.
+    """
+    name, status = describe["TrainingJobName"], describe["TrainingJobStatus"]
+    if status != "Completed":
+        raise TagflowError(f"training job {name} {status}: {describe.get('FailureReason', 'no reason given')}")
+    values = {m["MetricName"]: float(m["Value"]) for m in describe.get("FinalMetricDataList", [])}
+    return {
+        "job": name,
+        "model_data_url": describe["ModelArtifacts"]["S3ModelArtifacts"],
+        "metric": metric,
+        "value": values.get(metric),
+    }
+
+
+def tuning_candidate(describe: Mapping[str, Any]) -> dict[str, Any]:
+    """The best trial of a finished tuning job (DescribeHyperParameterTuningJob's shape) as a model candidate."""
+    name = describe["HyperParameterTuningJobName"]
+    best = describe.get("BestTrainingJob")
+    if describe["HyperParameterTuningJobStatus"] != "Completed" or not best:
+        reason = describe.get("FailureReason", "no trial produced the objective metric")
+        raise TagflowError(f"tuning job {name} {describe['HyperParameterTuningJobStatus']}: {reason}")
+    objective = best.get("FinalHyperParameterTuningJobObjectiveMetric") or {}
+    output = describe["TrainingJobDefinition"]["OutputDataConfig"]["S3OutputPath"].rstrip("/")
+    config = describe["HyperParameterTuningJobConfig"]
+    return {
+        "job": best["TrainingJobName"],
+        "tuning_job": name,
+        "model_data_url": f"{output}/{best['TrainingJobName']}/output/model.tar.gz",
+        "metric": objective.get("MetricName") or config["HyperParameterTuningJobObjective"]["MetricName"],
+        "value": objective.get("Value"),
+        "hyperparameters": best.get("TunedHyperParameters", {}),
+    }
+
+
+def candidate(result: Mapping[str, Any], metric: str) -> dict[str, Any]:
+    """A model candidate from whichever training branch ran: a local operator's candidate as is, the provider
+    operators' `{"Training": describe}` / `{"Tuning": describe}` converted."""
+    if "Training" in result:
+        return training_candidate(result["Training"], metric)
+    if "Tuning" in result:
+        return tuning_candidate(result["Tuning"])
+    return dict(result)
+
+
+def adoptable(earlier: list[tuple[str, str]]) -> str | None:
+    """Of the jobs earlier tries of this run started, (name, status) oldest first, the one a retry should wait for
+    instead of starting another: the latest in progress or completed. Failed or stopped jobs are not adopted."""
+    for name, status in reversed(earlier):
+        if status in ("InProgress", "Completed"):
+            return name
+    return None

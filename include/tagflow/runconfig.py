@@ -1,0 +1,336 @@
+"""A DAG run's configuration: the trigger form's fields, the two seed presets, and their resolution.
+
+`PARAMS` holds one JSON schema per form field (plain dicts; the DAG file wraps each in an Airflow `Param`, which
+validates the form before the run is created). `resolve` turns the submitted values into a `RunConfig`: fields
+left empty take the chosen preset's value, and the rules that span several fields are checked there, in the
+run's first task, before anything touches data. `num_classes` and `num_training_samples` are not form fields:
+they are read from the packed dataset's manifest (`sagemaker_config.dataset_hyperparameters`).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from tagflow.errors import InputError
+
+S3_URI_PATTERN = r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?$"
+ENDPOINT_NAME_PATTERN = r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$"
+OBJECTIVES = ("validation:accuracy", "validation:mAP", "validation:micro_f1", "validation:macro_f1")
+SAGEMAKER_OBJECTIVES = ("validation:accuracy",)  # what the built-in algorithm itself reports
+
+# Fields a preset fills when the form leaves them empty. The source locations are where `tagflow demo-data`
+# and the seed's notebooks put them; on AWS, type your own bucket's.
+PRESETS: dict[str, dict[str, Any]] = {
+    "50-label-rs96": {
+        "list_uri": "s3://tagflow-raw/designs/lists/",
+        "images_uri": "s3://tagflow-raw/designs/images",
+        "labels_uri": "s3://tagflow-raw/designs/lists/labels.txt",
+        "dataset_prefix": "50-label-rs96",
+        "num_labels": 50,
+        "resize": 96,
+    },
+    "ic-multi-label": {
+        "list_uri": "s3://tagflow-raw/ic-multi-label/lists/",
+        "images_uri": "s3://tagflow-raw/ic-multi-label/images",
+        "labels_uri": "s3://tagflow-raw/ic-multi-label/lists/labels.txt",
+        "dataset_prefix": "ic-multi-label",
+        "num_labels": 334,
+        "resize": 96,
+    },
+}
+CUSTOM = "custom"
+PRESET_FIELDS = ("list_uri", "images_uri", "labels_uri", "dataset_prefix", "num_labels", "resize")
+
+DEFAULT_HYPERPARAMETERS: dict[str, Any] = {
+    "num_layers": 18,
+    "epochs": 10,
+    "mini_batch_size": 32,
+    "learning_rate": 0.01,
+    "optimizer": "sgd",
+    "augmentation_type": "crop_color_transform",
+}
+DEFAULT_TUNING_RANGES: dict[str, Any] = {
+    "learning_rate": {"type": "Continuous", "min": 0.001, "max": 0.1, "scaling": "Logarithmic"},
+    "mini_batch_size": [16, 32, 64],
+}
+# Never typed in the form: the packed data decides them.
+DATA_HYPERPARAMETERS = ("num_classes", "num_training_samples", "multi_label", "image_shape")
+
+
+def _nullable(kind: str, **schema: Any) -> dict[str, Any]:
+    return {"type": [kind, "null"], "default": None, **schema}
+
+
+PARAMS: dict[str, dict[str, Any]] = {
+    "preset": {
+        "default": "50-label-rs96",
+        "enum": [*PRESETS, CUSTOM],
+        "title": "Preset",
+        "description": "The seed's datasets: 50-label-rs96 (50 labels) or ic-multi-label (334 labels). Fields "
+        "of the Dataset section left empty take the preset's value; `custom` needs them all.",
+        "section": "Dataset",
+    },
+    "list_uri": _nullable(
+        "string",
+        pattern=S3_URI_PATTERN,
+        title="List file",
+        description="s3://BUCKET/KEY of a list file (ID, labels…, path per line), or a prefix ending in / "
+        "holding dt=YYYY-MM-DD/*.lst partitions: a run reads every partition dated before its interval's end.",
+        section="Dataset",
+    ),
+    "images_uri": _nullable(
+        "string",
+        pattern=S3_URI_PATTERN,
+        title="Source images prefix",
+        description="s3://BUCKET/PREFIX the list's relative paths are under.",
+        section="Dataset",
+    ),
+    "labels_uri": _nullable(
+        "string",
+        pattern=S3_URI_PATTERN,
+        title="Label names",
+        description="Optional s3:// text file, one label name per line in column order.",
+        section="Dataset",
+    ),
+    "bucket": {
+        "type": "string",
+        "default": "tagflow-data",
+        "pattern": r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$",
+        "title": "Bucket",
+        "description": "Where the dataset and models go: s3://BUCKET/PREFIX/{training,validation,output}/.",
+        "section": "Dataset",
+    },
+    "dataset_prefix": _nullable(
+        "string",
+        pattern=r"^[A-Za-z0-9!_.*'()\-]+(/[A-Za-z0-9!_.*'()\-]+)*$",
+        title="Dataset prefix",
+        description="PREFIX in s3://BUCKET/PREFIX/{training,validation,output}/.",
+        section="Dataset",
+    ),
+    "num_labels": _nullable(
+        "integer", minimum=1, maximum=10000, title="Labels", description="Label columns per line.", section="Dataset"
+    ),
+    "resize": _nullable(
+        "integer", minimum=8, maximum=1024, title="Resize", description="Shorter side in pixels.", section="Packing"
+    ),
+    "quality": {
+        "type": "integer",
+        "default": 95,
+        "minimum": 1,
+        "maximum": 100,
+        "title": "JPEG quality",
+        "section": "Packing",
+    },
+    "train_ratio": {
+        "type": "number",
+        "default": 0.9,
+        "exclusiveMinimum": 0,
+        "exclusiveMaximum": 1,
+        "title": "Train ratio",
+        "description": "Share of images in training/; the rest go to validation/.",
+        "section": "Packing",
+    },
+    "shard_size": {
+        "type": "integer",
+        "default": 5000,
+        "minimum": 10,
+        "maximum": 1000000,
+        "title": "Shard size",
+        "description": "Images per download/pack task (raised automatically beyond 1,024 shards).",
+        "section": "Packing",
+    },
+    "mode": {
+        "type": "string",
+        "default": "train",
+        "enum": ["train", "tune"],
+        "title": "Mode",
+        "description": "One training job, or a hyperparameter tuning job over the ranges below.",
+        "section": "Training",
+    },
+    "backend": {
+        "type": "string",
+        "default": "local",
+        "enum": ["local", "sagemaker"],
+        "title": "Backend",
+        "description": "local: the algorithm environment on this machine; sagemaker: the built-in algorithm on AWS.",
+        "section": "Training",
+    },
+    "instance_type": {
+        "type": "string",
+        "default": "ml.p3.2xlarge",
+        "pattern": r"^ml\.[a-z0-9]+\.[a-z0-9]+$",
+        "title": "Training instance type",
+        "section": "Training",
+    },
+    "instance_count": {"type": "integer", "default": 1, "minimum": 1, "maximum": 16, "section": "Training"},
+    "max_runtime_s": {
+        "type": "integer",
+        "default": 86400,
+        "minimum": 60,
+        "maximum": 2419200,
+        "title": "Max runtime (s)",
+        "description": "Per training job; the job is stopped after this long.",
+        "section": "Training",
+    },
+    "hyperparameters": {
+        "type": "object",
+        "default": DEFAULT_HYPERPARAMETERS,
+        "title": "Hyperparameters",
+        "description": "The built-in algorithm's hyperparameters. num_classes, num_training_samples, multi_label "
+        "and image_shape come from the packed data and may not be set here.",
+        "section": "Training",
+    },
+    "objective_metric": {
+        "type": "string",
+        "default": "validation:accuracy",
+        "enum": list(OBJECTIVES),
+        "title": "Objective metric",
+        "description": "What tuning maximizes and the deploy gate compares. On SageMaker only validation:accuracy.",
+        "section": "Training",
+    },
+    "tuning_ranges": {
+        "type": "object",
+        "default": DEFAULT_TUNING_RANGES,
+        "title": "Tuning ranges",
+        "description": 'name: [values…] (categorical) or {"type": "Continuous"|"Integer", "min", "max", "scaling"}.',
+        "section": "Tuning",
+    },
+    "max_jobs": {"type": "integer", "default": 4, "minimum": 1, "maximum": 500, "section": "Tuning"},
+    "max_parallel_jobs": {"type": "integer", "default": 1, "minimum": 1, "maximum": 100, "section": "Tuning"},
+    "tuning_strategy": {"type": "string", "default": "Bayesian", "enum": ["Bayesian", "Random"], "section": "Tuning"},
+    "deploy": {
+        "type": "boolean",
+        "default": True,
+        "title": "Deploy",
+        "description": "Deploy the new model if it passes the gate.",
+        "section": "Deployment",
+    },
+    "endpoint_name": {
+        "type": "string",
+        "default": "tagflow-designs",
+        "pattern": ENDPOINT_NAME_PATTERN,
+        "title": "Endpoint name",
+        "section": "Deployment",
+    },
+    "endpoint_instance_type": {
+        "type": "string",
+        "default": "ml.m5.large",
+        "pattern": r"^ml\.[a-z0-9]+\.[a-z0-9]+$",
+        "section": "Deployment",
+    },
+    "metric_gate": {
+        "type": "number",
+        "default": 0.5,
+        "minimum": 0,
+        "maximum": 1,
+        "title": "Metric gate",
+        "description": "Deploy only if the objective metric is at least this and not worse than the serving model's.",
+        "section": "Deployment",
+    },
+}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One run's resolved configuration: plain values, so it travels through XCom as a dict."""
+
+    preset: str
+    list_uri: str
+    images_uri: str | None
+    labels_uri: str | None
+    bucket: str
+    dataset_prefix: str
+    num_labels: int
+    resize: int
+    quality: int
+    train_ratio: float
+    shard_size: int
+    mode: str
+    backend: str
+    instance_type: str
+    instance_count: int
+    max_runtime_s: int
+    hyperparameters: dict[str, Any]
+    objective_metric: str
+    tuning_ranges: dict[str, Any]
+    max_jobs: int
+    max_parallel_jobs: int
+    tuning_strategy: str
+    deploy: bool
+    endpoint_name: str
+    endpoint_instance_type: str
+    metric_gate: float
+    list_until: str | None = None  # ISO time: partitions dated before it are read
+
+    @property
+    def dataset_uri(self) -> str:
+        return f"s3://{self.bucket}/{self.dataset_prefix.strip('/')}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RunConfig:
+        return cls(**data)
+
+
+def partition_cutoff(run_type: str, data_interval_end: datetime | None, run_after: datetime | None) -> datetime:
+    """Which partitions a run reads: scheduled and backfill runs read up to their interval's end (so a backfill
+    over past days trains on what existed then); a manual run reads everything up to when it was triggered."""
+    if run_type in ("scheduled", "backfill") and data_interval_end is not None:
+        return data_interval_end
+    return run_after or data_interval_end or datetime.now(UTC)
+
+
+def resolve(params: Mapping[str, Any], *, list_until: datetime | None = None) -> RunConfig:
+    """The run's configuration from the form's values: presets applied, cross-field rules checked.
+
+    Raises InputError naming the field and what was expected.
+    """
+    values = {name: params.get(name, spec.get("default")) for name, spec in PARAMS.items()}
+    unknown = sorted(set(params) - set(PARAMS))
+    if unknown:
+        raise InputError(f"params: unknown field(s) {', '.join(unknown)}; expected some of {', '.join(PARAMS)}")
+    preset = values.pop("preset")
+    if preset != CUSTOM:
+        if preset not in PRESETS:
+            raise InputError(f"preset: {preset!r} is not one of {', '.join([*PRESETS, CUSTOM])}")
+        for name in PRESET_FIELDS:
+            if values.get(name) is None:
+                values[name] = PRESETS[preset][name]
+    missing = [name for name in ("list_uri", "dataset_prefix", "num_labels", "resize") if values.get(name) is None]
+    if missing:
+        raise InputError(f"preset {preset}: set {', '.join(missing)} (a custom run has no preset to fill them)")
+    if not values["list_uri"].endswith("/") and values["list_uri"].rstrip("/").count("/") < 3:
+        raise InputError(f"list_uri: {values['list_uri']!r} names a bucket, not a list file or a prefix ending in /")
+    set_by_data = sorted(set(values["hyperparameters"]) & set(DATA_HYPERPARAMETERS))
+    if set_by_data:
+        raise InputError(
+            f"hyperparameters: {', '.join(set_by_data)} come from the packed data (its manifest); remove them"
+        )
+    if values["mode"] == "tune":
+        if not values["tuning_ranges"]:
+            raise InputError("tuning_ranges: mode is tune but no range is given")
+        clash = sorted(set(values["tuning_ranges"]) & set(DATA_HYPERPARAMETERS))
+        if clash:
+            raise InputError(f"tuning_ranges: {', '.join(clash)} come from the packed data and cannot be tuned")
+        if values["max_parallel_jobs"] > values["max_jobs"]:
+            raise InputError(
+                f"max_parallel_jobs: {values['max_parallel_jobs']} is more than max_jobs ({values['max_jobs']})"
+            )
+    if values["backend"] == "sagemaker" and values["objective_metric"] not in SAGEMAKER_OBJECTIVES:
+        raise InputError(
+            f"objective_metric: {values['objective_metric']} is reported only by the local trainer; "
+            f"on SageMaker use one of {', '.join(SAGEMAKER_OBJECTIVES)}"
+        )
+    if not re.fullmatch(ENDPOINT_NAME_PATTERN, values["endpoint_name"]):
+        raise InputError(f"endpoint_name: {values['endpoint_name']!r}: letters, digits and inner hyphens, ≤ 63")
+    return RunConfig(
+        preset=preset,
+        **values,
+        list_until=list_until.isoformat() if list_until else None,
+    )

@@ -1,0 +1,486 @@
+"""Operators binding the DAG's templated values to tagflow's functions; the logic lives in include/tagflow.
+
+Every operator takes `config`, the run's resolved configuration (a `tagflow.runconfig.RunConfig` dict, pulled from
+the first task), plus small references (plan URI, shard index, candidate model); none passes image data through
+XCom. S3 and SageMaker clients come from the `aws_conn_id` connection through the amazon provider's hooks, so the
+local S3 server and AWS are configured the same way (the connection's endpoint_url and config_kwargs).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from airflow.providers.amazon.aws.hooks.base_aws import AwsBaseHook
+from airflow.providers.amazon.aws.operators.sagemaker import SageMakerTrainingOperator, SageMakerTuningOperator
+from airflow.sdk import BaseBranchOperator, BaseOperator
+
+if TYPE_CHECKING:
+    from airflow.sdk import Context
+
+log = logging.getLogger(__name__)
+
+S3_POOL = 40  # connections for a download shard's 32 threads plus headroom
+
+
+def _cfg(config: Mapping[str, Any]):
+    from tagflow.runconfig import RunConfig
+
+    return RunConfig.from_dict(config)
+
+
+def _run_id(context: Context) -> str:
+    return context["dag_run"].run_id
+
+
+class AwsClients:
+    """The connection's boto3 clients, made once per task (the hook owns the session and endpoint settings)."""
+
+    def __init__(self, aws_conn_id: str | None):
+        self.aws_conn_id = aws_conn_id
+
+    def client(self, service: str, **config: Any):
+        hook = AwsBaseHook(aws_conn_id=self.aws_conn_id, client_type=service)
+        if not config:
+            return hook.get_conn()
+        from botocore.config import Config
+
+        return hook.get_client_type(config=hook.config.merge(Config(**config)))
+
+    @cached_property
+    def s3(self):
+        return self.client("s3", max_pool_connections=S3_POOL)
+
+    @cached_property
+    def region(self) -> str:
+        return AwsBaseHook(aws_conn_id=self.aws_conn_id, client_type="sagemaker").region_name or "us-east-1"
+
+
+class TagflowOperator(BaseOperator):
+    """Base: `config` (templated, rendered as JSON) and the AWS connection."""
+
+    template_fields: Sequence[str] = ("config",)
+    template_fields_renderers: ClassVar[dict[str, str]] = {"config": "json"}
+    ui_color = "#e8f1fb"
+
+    def __init__(self, *, config: Any, aws_conn_id: str | None = "aws_default", **kwargs: Any):
+        super().__init__(**kwargs)
+        self.config = config
+        self.aws_conn_id = aws_conn_id
+
+    @cached_property
+    def aws(self) -> AwsClients:
+        return AwsClients(self.aws_conn_id)
+
+
+class ResolveConfigOperator(BaseOperator):
+    """Validate the run's params across fields and fill presets; the result is every later task's `config`."""
+
+    template_fields: Sequence[str] = ("run_params",)
+    template_fields_renderers: ClassVar[dict[str, str]] = {"run_params": "json"}
+
+    def __init__(self, *, run_params: Any = "{{ params }}", **kwargs: Any):
+        super().__init__(**kwargs)
+        self.run_params = run_params
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        from tagflow import runconfig
+
+        run = context["dag_run"]
+        cutoff = runconfig.partition_cutoff(
+            str(run.run_type), context.get("data_interval_end"), getattr(run, "run_after", None)
+        )
+        cfg = runconfig.resolve(dict(context["params"]), list_until=cutoff)
+        self.log.info("run %s: preset %s, %s/%s, dataset %s, list %s (partitions before %s)", run.run_id,
+                      cfg.preset, cfg.backend, cfg.mode, cfg.dataset_uri, cfg.list_uri, cfg.list_until)  # fmt: skip
+        return cfg.to_dict()
+
+
+class PrepareDatasetOperator(TagflowOperator):
+    """Parse and validate the list, plan shards, stage the plan. Returns the shard indices (what the shard tasks
+    map over) and pushes the plan reference under the XCom key `plan`."""
+
+    def execute(self, context: Context) -> list[int]:
+        from tagflow import jobs, pipeline
+
+        ref = pipeline.prepare(jobs.dataset_spec(_cfg(self.config)), self.aws.s3)
+        context["ti"].xcom_push(key="plan", value=ref.to_dict())
+        self.log.info("%d images in %d shards; plan %s", ref.num_images, ref.num_shards, ref.plan_uri)
+        return list(range(ref.num_shards))
+
+
+class _ShardOperator(TagflowOperator):
+    template_fields: Sequence[str] = ("config", "plan", "shard")
+
+    def __init__(self, *, plan: Any, shard: Any, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.plan = plan
+        self.shard = shard
+
+    def _args(self):
+        from tagflow import jobs, pipeline
+
+        # Use this worker's cores for packing, whatever machine it is.
+        spec = jobs.dataset_spec(_cfg(self.config), pack_workers=len(os.sched_getaffinity(0)))
+        return spec, pipeline.PlanRef(**self.plan), int(self.shard)
+
+
+class DownloadShardOperator(_ShardOperator):
+    """Fetch one shard's images into one staged tar in S3 (reused when its content digest is already staged)."""
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        from tagflow import pipeline
+
+        spec, ref, index = self._args()
+        return pipeline.download_shard(spec, ref, index, self.aws.s3)
+
+
+class PackShardOperator(_ShardOperator):
+    """Pack one staged shard into train/val RecordIO parts, staged in S3 (reused when already packed)."""
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        from tagflow import pipeline
+
+        spec, ref, index = self._args()
+        result = pipeline.pack_shard(spec, ref, index, self.aws.s3)
+        result.pop("counts", None)
+        return result
+
+
+class PublishDatasetOperator(TagflowOperator):
+    """Merge the packed shards into DATASET/{training,validation}/ with the manifest; emits the dataset Asset."""
+
+    template_fields: Sequence[str] = ("config", "plan")
+
+    def __init__(self, *, plan: Any, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.plan = plan
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        from tagflow import jobs, manifest, pipeline
+
+        cfg = _cfg(self.config)
+        summary = pipeline.publish(
+            jobs.dataset_spec(cfg), pipeline.PlanRef(**self.plan), self.aws.s3, code_revision=manifest.code_revision()
+        )
+        for outlet in self.outlets:
+            context["outlet_events"][outlet].extra = {"dataset_uri": summary["dataset"], **summary["counts"]}
+        self.log.info("published %s: %s (%d bad objects skipped)", summary["dataset"], summary["counts"],
+                      summary["errors"])  # fmt: skip
+        return {"dataset": summary["dataset"], "counts": summary["counts"], "errors": summary["errors"]}
+
+
+class ChooseBranchOperator(BaseBranchOperator):
+    """Follow the branch named by `key` (a value computed by an upstream task), e.g. backend/mode."""
+
+    template_fields: Sequence[str] = ("key",)
+
+    def __init__(self, *, key: Any, branches: Mapping[str, str | None], **kwargs: Any):
+        super().__init__(**kwargs)
+        self.key = key
+        self.branches = dict(branches)
+
+    def choose_branch(self, context: Context) -> str | list[str]:
+        if self.key not in self.branches:
+            raise ValueError(f"{self.task_id}: no branch for {self.key!r}; expected one of {sorted(self.branches)}")
+        chosen = self.branches[self.key]
+        self.log.info("%s → %s", self.key, chosen or "nothing")
+        return [chosen] if chosen else []
+
+
+class LocalTrainingOperator(TagflowOperator):
+    """Run this run's training job in the local algorithm environment (same request as on SageMaker)."""
+
+    template_fields: Sequence[str] = ("config",)
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        from tagflow import jobs
+        from tagflow.local.runner import run_training_job
+        from tagflow.sagemaker_config import LOCAL_IMAGE_URI, LOCAL_ROLE_ARN
+
+        cfg = _cfg(self.config)
+        name = jobs.job_names(_run_id(context), context["ti"].try_number)["training"]
+        request = jobs.training_request(
+            cfg, jobs.read_manifest(cfg.dataset_uri, self.aws.s3), job_name=name,
+            image_uri=LOCAL_IMAGE_URI, role_arn=LOCAL_ROLE_ARN,
+        )  # fmt: skip
+        self.log.info("training job %s: %s", name, request["HyperParameters"])
+        with tempfile.TemporaryDirectory(prefix="tagflow-train-") as tmp:
+            describe = run_training_job(request, workdir=Path(tmp), client=self.aws.s3, on_line=self.log.info)
+        return jobs.training_candidate(describe, cfg.objective_metric)
+
+
+class LocalTuningOperator(TagflowOperator):
+    """Run this run's tuning job in the local algorithm environment (same request as on SageMaker)."""
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        from tagflow import jobs
+        from tagflow.local.tuner import run_tuning_job
+        from tagflow.sagemaker_config import LOCAL_IMAGE_URI, LOCAL_ROLE_ARN
+
+        cfg = _cfg(self.config)
+        name = jobs.job_names(_run_id(context), context["ti"].try_number)["tuning"]
+        request = jobs.tuning_request(
+            cfg, jobs.read_manifest(cfg.dataset_uri, self.aws.s3), tuning_name=name,
+            image_uri=LOCAL_IMAGE_URI, role_arn=LOCAL_ROLE_ARN,
+        )  # fmt: skip
+        self.log.info("tuning job %s over %s", name, sorted(cfg.tuning_ranges))
+        with tempfile.TemporaryDirectory(prefix="tagflow-tune-") as tmp:
+            describe = run_tuning_job(request, workdir=Path(tmp), client=self.aws.s3)
+        return jobs.tuning_candidate(describe)
+
+
+class SageMakerRequestOperator(TagflowOperator):
+    """Build this run's CreateTrainingJob or CreateHyperParameterTuningJob request (shown as JSON in the UI).
+
+    Image URI from the sagemaker SDK for the connection's region; the execution role from the Airflow Variable
+    `role_variable`.
+    """
+
+    def __init__(self, *, kind: str, role_variable: str = "tagflow_sagemaker_role_arn", **kwargs: Any):
+        super().__init__(**kwargs)
+        if kind not in ("training", "tuning"):
+            raise ValueError(f"kind {kind!r}: expected 'training' or 'tuning'")
+        self.kind = kind
+        self.role_variable = role_variable
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        from airflow.sdk import Variable
+        from sagemaker.core import image_uris
+
+        from tagflow import jobs
+
+        cfg = _cfg(self.config)
+        image_uri = image_uris.retrieve("image-classification", self.aws.region)
+        role_arn = Variable.get(self.role_variable)
+        manifest = jobs.read_manifest(cfg.dataset_uri, self.aws.s3)
+        names = jobs.job_names(_run_id(context), 1)  # the job operator names each try itself
+        if self.kind == "training":
+            request = jobs.training_request(cfg, manifest, job_name=names["training"], image_uri=image_uri,
+                                            role_arn=role_arn)  # fmt: skip
+        else:
+            request = jobs.tuning_request(cfg, manifest, tuning_name=names["tuning"], image_uri=image_uri,
+                                          role_arn=role_arn)  # fmt: skip
+        self.log.info("%s request for image %s in %s", self.kind, image_uri, self.aws.region)
+        return request
+
+
+class _AdoptingJobMixin:
+    """Name the job per run and try, and adopt an earlier try's job that is still running or has completed,
+    so a retry (say, after a worker died) never launches a second job; a failed earlier job is not adopted."""
+
+    kind: str  # "training" | "tuning"
+    name_field: str
+    status_field: str
+
+    def _describe(self, name: str) -> dict[str, Any] | None:
+        from botocore.exceptions import ClientError
+
+        describe = self.hook.describe_training_job if self.kind == "training" else self.hook.describe_tuning_job
+        try:
+            return describe(name)
+        except ClientError as err:
+            if err.response.get("Error", {}).get("Code") in ("ValidationException", "ResourceNotFound"):
+                return None
+            raise
+
+    def _choose(self, context: Context) -> tuple[str, dict[str, Any] | None]:
+        from tagflow import jobs
+
+        run_id, try_number = _run_id(context), context["ti"].try_number
+        earlier = [jobs.job_names(run_id, t)[self.kind] for t in range(1, try_number)]
+        found = [(name, self._describe(name)) for name in earlier]
+        adopted = jobs.adoptable([(name, d[self.status_field]) for name, d in found if d is not None])
+        if adopted:
+            return adopted, dict(found)[adopted]
+        return jobs.job_names(run_id, try_number)[self.kind], None
+
+
+class TagflowSageMakerTrainingOperator(_AdoptingJobMixin, SageMakerTrainingOperator):
+    """The provider's SageMakerTrainingOperator (deferrable), named per run and try, adopting an earlier try's job."""
+
+    kind, name_field, status_field = "training", "TrainingJobName", "TrainingJobStatus"
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(check_if_job_exists=True, action_if_job_exists="fail", **kwargs)
+
+    def execute(self, context: Context) -> dict:
+        name, existing = self._choose(context)
+        self.config[self.name_field] = name
+        if existing is None:
+            return super().execute(context)
+        self.log.info("adopting training job %s (%s) started by an earlier try", name, existing[self.status_field])
+        if existing[self.status_field] == "Completed":
+            return self.serialize_result(name)
+        return self._wait_for(name, context)
+
+    def _wait_for(self, name: str, context: Context) -> dict:
+        if self.deferrable:
+            from airflow.providers.amazon.aws.triggers.sagemaker import SageMakerTrigger
+
+            self.defer(
+                trigger=SageMakerTrigger(job_name=name, job_type="Training", waiter_delay=self.check_interval,
+                                         waiter_max_attempts=self.max_attempts, aws_conn_id=self.aws_conn_id),
+                method_name="execute_complete",
+            )  # fmt: skip
+        self.hook.check_training_status_with_log(
+            name, self.hook.non_terminal_states, self.hook.failed_states, True, self.check_interval,
+            self.max_ingestion_time,
+        )  # fmt: skip
+        return self.serialize_result(name)
+
+
+class TagflowSageMakerTuningOperator(_AdoptingJobMixin, SageMakerTuningOperator):
+    """The provider's SageMakerTuningOperator (deferrable), named per run and try, adopting an earlier try's job."""
+
+    kind, name_field, status_field = "tuning", "HyperParameterTuningJobName", "HyperParameterTuningJobStatus"
+
+    def execute(self, context: Context) -> dict:
+        name, existing = self._choose(context)
+        self.config[self.name_field] = name
+        if existing is None:
+            return super().execute(context)
+        self.log.info("adopting tuning job %s (%s) started by an earlier try", name, existing[self.status_field])
+        if existing[self.status_field] != "Completed":
+            self.hook.check_status(name, "HyperParameterTuningJobStatus", self.hook.describe_tuning_job,
+                                   self.check_interval, self.max_ingestion_time)  # fmt: skip
+        from airflow.providers.amazon.aws.hooks.sagemaker import serialize
+
+        return {"Tuning": serialize(self.hook.describe_tuning_job(name))}
+
+
+class DeployGateOperator(TagflowOperator):
+    """Judge the new model against the form's threshold and the serving model; returns the decision.
+
+    `candidates` are the task IDs of the training branches; the one that ran left its result in XCom.
+    """
+
+    def __init__(self, *, candidates: Sequence[str], **kwargs: Any):
+        super().__init__(**kwargs)
+        self.candidates = list(candidates)
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        from tagflow import deploy, jobs
+
+        cfg = _cfg(self.config)
+        results = [r for r in context["ti"].xcom_pull(task_ids=self.candidates) if r]
+        if len(results) != 1:
+            raise ValueError(f"expected one training result among {self.candidates}, found {len(results)}")
+        candidate = jobs.candidate(results[0], cfg.objective_metric)
+        serving = self._serving_value(cfg)
+        decision = deploy.gate(candidate, cfg.metric_gate, serving)
+        if not cfg.deploy:
+            decision = {"deploy": False, "reason": "deploy is off for this run"}
+        self.log.info("gate: %s", decision["reason"])
+        for outlet in self.outlets:
+            context["outlet_events"][outlet].extra = {**candidate, "deploy": decision["deploy"]}
+        return {**decision, "candidate": candidate, "serving_value": serving, "route": self._route(cfg, decision)}
+
+    @staticmethod
+    def _route(cfg, decision: Mapping[str, Any]) -> str:
+        return f"{cfg.backend}" if decision["deploy"] else "keep"
+
+    def _serving_value(self, cfg) -> float | None:
+        from tagflow import deploy
+
+        if cfg.backend == "local":
+            from tagflow.local import endpoint
+
+            info = endpoint.status(endpoint.default_state_dir(cfg.endpoint_name))
+            return deploy.local_serving_value(endpoint.metadata(info) if info else None, cfg.objective_metric)
+        sagemaker = self.aws.client("sagemaker")
+        try:
+            current = sagemaker.describe_endpoint(EndpointName=cfg.endpoint_name)
+        except sagemaker.exceptions.ClientError as err:
+            if "Could not find endpoint" in str(err):
+                return None
+            raise
+        arn = sagemaker.describe_endpoint_config(EndpointConfigName=current["EndpointConfigName"])["EndpointConfigArn"]
+        return deploy.tagged_value(sagemaker.list_tags(ResourceArn=arn).get("Tags", []), cfg.objective_metric)
+
+
+class LocalDeployOperator(TagflowOperator):
+    """Serve the candidate on the local endpoint: start it, or swap the model in without dropping requests."""
+
+    template_fields: Sequence[str] = ("config", "decision")
+
+    def __init__(self, *, decision: Any, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.decision = decision
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        from tagflow.local import endpoint
+
+        cfg = _cfg(self.config)
+        model = self.decision["candidate"]["model_data_url"]
+        state = endpoint.default_state_dir(cfg.endpoint_name)
+        if endpoint.status(state):
+            info = endpoint.swap(state, model, client=self.aws.s3)
+        else:
+            info = endpoint.start(model, name=cfg.endpoint_name, state_dir=state, client=self.aws.s3)
+        self.log.info("endpoint %s at %s serves %s", info.name, info.url, model)
+        return {"endpoint": info.name, "url": info.url, "model": model}
+
+
+class SageMakerEndpointConfigOperator(TagflowOperator):
+    """Build the Model / EndpointConfig / Endpoint requests for the candidate (new names per run: blue/green)."""
+
+    template_fields: Sequence[str] = ("config", "decision")
+
+    def __init__(self, *, decision: Any, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.decision = decision
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        from sagemaker.core import image_uris
+
+        from tagflow import deploy
+
+        cfg = _cfg(self.config)
+        requests = deploy.sagemaker_endpoint_config(
+            self.decision["candidate"],
+            run_key=_run_id(context),
+            endpoint_name=cfg.endpoint_name,
+            image_uri=image_uris.retrieve("image-classification", self.aws.region),
+            role_arn=_variable("tagflow_sagemaker_role_arn"),
+            instance_type=cfg.endpoint_instance_type,
+        )
+        context["ti"].xcom_push(key="model", value=requests.pop("Model"))  # SageMakerModelOperator's config
+        return requests
+
+
+def _variable(name: str) -> str:
+    from airflow.sdk import Variable
+
+    return Variable.get(name)
+
+
+class SmokeTestOperator(TagflowOperator):
+    """Send one validation image through sagemaker-runtime InvokeEndpoint and check the answer's shape."""
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        from tagflow import deploy, jobs
+        from tagflow.local import endpoint
+
+        cfg = _cfg(self.config)
+        image_id, image = deploy.smoke_image(cfg.dataset_uri, self.aws.s3)
+        num_classes = int(jobs.read_manifest(cfg.dataset_uri, self.aws.s3)["num_labels"])
+        content_type = endpoint.content_type_of(image)
+        if cfg.backend == "local":
+            info = endpoint.status(endpoint.default_state_dir(cfg.endpoint_name))
+            if info is None:
+                raise RuntimeError(f"local endpoint {cfg.endpoint_name} is not running")
+            runtime = endpoint.runtime_client(info)
+        else:
+            runtime = self.aws.client("sagemaker-runtime")
+        response = runtime.invoke_endpoint(EndpointName=cfg.endpoint_name, ContentType=content_type, Body=image)
+        probabilities = deploy.check_prediction(response["Body"].read(), num_classes, cfg.endpoint_name)
+        top = sorted(range(len(probabilities)), key=lambda i: -probabilities[i])[:3]
+        self.log.info("endpoint %s answered for image %d: top labels %s", cfg.endpoint_name, image_id,
+                      [(i, round(probabilities[i], 3)) for i in top])  # fmt: skip
+        return {"endpoint": cfg.endpoint_name, "image_id": image_id, "top": top}
