@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from tagflow import demo, pipeline, s3
-from tagflow.errors import ListFileError, TooManyFailures
+from tagflow.errors import InputError, ListFileError, TooManyFailures
 from tagflow.listfile import parse_list
 from tagflow.recordio import RecordReader, unpack_payload
 
@@ -146,3 +146,37 @@ def test_shard_tasks_read_their_slice_and_list_nothing(s3_client, bucket, design
     fetched = [c for c in calls if c == "GetObject"]
     plan = json.loads(pipeline.read_location(ref.plan_uri, s3_client)[0])["plan"]["shards"][1]
     assert len(fetched) == 3 + (plan["stop"] - plan["start"])  # plan.json, shard .lst and .json, then its images
+
+
+def test_partitioned_list_reads_the_days_before_the_cutoff(s3_client, bucket):
+    """A list URI ending in / reads every dt=YYYY-MM-DD partition dated before `list_until`, in date order."""
+    from datetime import date
+
+    days = demo.make_partitioned(15, s3.S3Uri(bucket, "raw"), date(2026, 11, 1), days=3, client=s3_client, workers=1)
+    s3_client.put_object(Bucket=bucket, Key="raw/lists/notes.txt", Body=b"not a partition")
+    spec = _spec(days[0], bucket, list_uri=f"s3://{bucket}/raw/lists/", list_until="2026-11-03T00:00:00+00:00")
+    listfile = pipeline.read_list(spec, s3_client)
+    assert listfile.ids.tolist() == list(range(30))  # days 1 and 2; day 3 is at the cutoff, not before it
+    assert listfile.name == spec.list_uri
+
+    everything = pipeline.read_list(pipeline.DatasetSpec(**{**spec.__dict__, "list_until": None}), s3_client)
+    assert len(everything) == 45
+
+    early = pipeline.DatasetSpec(**{**spec.__dict__, "list_until": "2026-11-01T00:00:00+00:00"})
+    with pytest.raises(InputError, match=r"raw/lists/: no dt=YYYY-MM-DD/\*\.lst partition dated before 2026-11-01"):
+        pipeline.read_list(early, s3_client)
+
+
+def test_partitions_listing_one_image_twice_fail_naming_both(s3_client, bucket):
+    from datetime import date
+
+    days = demo.make_partitioned(5, s3.S3Uri(bucket, "raw"), date(2026, 11, 1), days=1, client=s3_client, workers=1)
+    first = s3_client.get_object(Bucket=bucket, Key="raw/lists/dt=2026-11-01/part.lst")["Body"].read()
+    s3_client.put_object(Bucket=bucket, Key="raw/lists/dt=2026-11-02/part.lst", Body=first.splitlines(True)[0])
+    spec = _spec(days[0], bucket, list_uri=f"s3://{bucket}/raw/lists/")
+    with pytest.raises(ListFileError) as err:
+        pipeline.read_list(spec, s3_client)
+    assert str(err.value) == (
+        f"s3://{bucket}/raw/lists/dt=2026-11-02/part.lst: ID 0 is already listed in "
+        f"s3://{bucket}/raw/lists/dt=2026-11-01/part.lst; each image is listed once"
+    )

@@ -1,0 +1,57 @@
+"""The deploy gate and the records it reads the serving model's objective from."""
+
+from __future__ import annotations
+
+import pytest
+
+from tagflow import deploy
+
+NEW = {"job": "j2", "metric": "validation:accuracy", "value": 0.80, "model_data_url": "s3://b/m.tar.gz"}
+
+
+@pytest.mark.parametrize(
+    ("value", "threshold", "serving", "deploys", "reason"),
+    [
+        (0.80, 0.5, None, True, "validation:accuracy 0.8000 passes the gate 0.5000 and no serving model"),
+        (0.80, 0.5, 0.80, True, "passes the gate 0.5000 and the serving model's 0.8000"),
+        (0.80, 0.5, 0.85, False, "validation:accuracy 0.8000 is worse than the serving model's 0.8500"),
+        (0.80, 0.9, None, False, "validation:accuracy 0.8000 is below the gate 0.9000"),
+        (None, 0.5, None, False, "the new model has no validation:accuracy value"),
+        (float("nan"), 0.5, None, False, "the new model has no validation:accuracy value"),
+    ],
+)
+def test_the_gate(value, threshold, serving, deploys, reason):
+    decision = deploy.gate({**NEW, "value": value}, threshold, serving)
+    assert decision["deploy"] is deploys
+    assert reason in decision["reason"]
+
+
+def test_the_objective_round_trips_through_endpoint_config_tags():
+    config = deploy.sagemaker_endpoint_config(
+        NEW, run_key="manual__1", endpoint_name="tagflow-designs", image_uri="img", role_arn="role",
+        instance_type="ml.m5.large",
+    )  # fmt: skip
+    tags = config["EndpointConfig"]["Tags"]
+    assert deploy.tagged_value(tags, "validation:accuracy") == 0.80
+    assert deploy.tagged_value(tags, "validation:mAP") is None  # another metric is not comparable
+    assert config["Endpoint"]["EndpointConfigName"] == config["EndpointConfig"]["EndpointConfigName"]
+    other = deploy.sagemaker_endpoint_config(
+        NEW, run_key="manual__2", endpoint_name="tagflow-designs", image_uri="img", role_arn="role",
+        instance_type="ml.m5.large",
+    )  # fmt: skip
+    assert other["EndpointConfig"]["EndpointConfigName"] != config["EndpointConfig"]["EndpointConfigName"]
+
+
+def test_the_local_endpoints_metrics():
+    metadata = {"metrics": {"validation": {"accuracy": 0.7, "mAP": 0.3}}}
+    assert deploy.local_serving_value(metadata, "validation:mAP") == 0.3
+    assert deploy.local_serving_value({"metrics": None}, "validation:accuracy") is None
+    assert deploy.local_serving_value(None, "validation:accuracy") is None
+
+
+def test_a_prediction_of_the_wrong_shape_is_refused():
+    assert deploy.check_prediction(b"[0.1, 0.9]", 2, "e") == [0.1, 0.9]
+    with pytest.raises(Exception, match=r"endpoint e answered \[0.1\]; expected 2 probabilities"):
+        deploy.check_prediction(b"[0.1]", 2, "e")
+    with pytest.raises(Exception, match="not JSON"):
+        deploy.check_prediction(b"body", 2, "e")

@@ -1,0 +1,98 @@
+"""Requests from a run's config and its packed data; candidates from finished jobs; which earlier job a retry adopts."""
+
+from __future__ import annotations
+
+import pytest
+
+from tagflow import jobs, runconfig
+from tagflow.errors import TagflowError
+
+MANIFEST = {"num_labels": 50, "counts": {"train": 1800, "val": 200}, "pack_params": {"resize": 96}}
+ROLE = "arn:aws:iam::123456789012:role/tagflow"
+IMAGE = "811284229777.dkr.ecr.us-east-1.amazonaws.com/image-classification:1"
+
+
+def test_the_packed_data_decides_classes_samples_and_shape():
+    cfg = runconfig.resolve({"hyperparameters": {"epochs": 3, "learning_rate": 0.05}})
+    request = jobs.training_request(cfg, MANIFEST, job_name="tagflow-x", image_uri=IMAGE, role_arn=ROLE)
+    assert request["HyperParameters"] == {
+        "epochs": "3",
+        "learning_rate": "0.05",
+        "num_classes": "50",
+        "num_training_samples": "1800",
+        "multi_label": "1",
+        "image_shape": "3,96,96",
+    }
+    channels = {c["ChannelName"]: c["DataSource"]["S3DataSource"]["S3Uri"] for c in request["InputDataConfig"]}
+    assert channels == {
+        "train": "s3://tagflow-data/50-label-rs96/training/train.rec",
+        "validation": "s3://tagflow-data/50-label-rs96/validation/val.rec",
+    }
+    assert request["OutputDataConfig"]["S3OutputPath"] == "s3://tagflow-data/50-label-rs96/output"
+
+
+def test_a_tuning_request_tunes_the_form_ranges_around_the_training_request():
+    cfg = runconfig.resolve({"mode": "tune", "max_jobs": 6, "max_parallel_jobs": 2})
+    request = jobs.tuning_request(cfg, MANIFEST, tuning_name="tagflow-t", image_uri=IMAGE, role_arn=ROLE)
+    config = request["HyperParameterTuningJobConfig"]
+    assert config["ResourceLimits"] == {"MaxNumberOfTrainingJobs": 6, "MaxParallelTrainingJobs": 2}
+    static = request["TrainingJobDefinition"]["StaticHyperParameters"]
+    assert "learning_rate" not in static and "mini_batch_size" not in static
+    assert static["num_classes"] == "50"
+
+
+def test_names_are_deterministic_per_run_and_try_and_within_limits():
+    first, again, retry = (jobs.job_names("scheduled__2026-11-01T00:00:00+00:00", t) for t in (1, 1, 2))
+    assert first == again
+    assert first["training"] != retry["training"] and first["tuning"] != retry["tuning"]
+    assert len(first["training"]) <= 63 and len(first["tuning"]) <= 32
+
+
+@pytest.mark.parametrize(
+    ("earlier", "adopted"),
+    [
+        ([], None),
+        ([("t1", "Failed")], None),
+        ([("t1", "Stopped"), ("t2", "Failed")], None),
+        ([("t1", "Completed")], "t1"),
+        ([("t1", "InProgress"), ("t2", "Failed")], "t1"),
+        ([("t1", "Completed"), ("t2", "InProgress")], "t2"),
+    ],
+)
+def test_a_retry_adopts_a_live_or_finished_job_never_a_failed_one(earlier, adopted):
+    assert jobs.adoptable(earlier) == adopted
+
+
+def test_a_failed_job_raises_with_sagemakers_failure_reason():
+    describe = {"TrainingJobName": "j", "TrainingJobStatus": "Failed", "FailureReason": "AlgorithmError: boom"}
+    with pytest.raises(TagflowError, match="training job j Failed: AlgorithmError: boom"):
+        jobs.candidate({"Training": describe}, "validation:accuracy")
+
+
+def test_candidates_from_training_and_tuning_results():
+    training = {
+        "TrainingJobName": "j",
+        "TrainingJobStatus": "Completed",
+        "ModelArtifacts": {"S3ModelArtifacts": "s3://b/p/output/j/output/model.tar.gz"},
+        "FinalMetricDataList": [{"MetricName": "validation:accuracy", "Value": 0.8}],
+    }
+    assert jobs.candidate({"Training": training}, "validation:accuracy") == {
+        "job": "j",
+        "model_data_url": "s3://b/p/output/j/output/model.tar.gz",
+        "metric": "validation:accuracy",
+        "value": 0.8,
+    }
+    tuning = {
+        "HyperParameterTuningJobName": "t",
+        "HyperParameterTuningJobStatus": "Completed",
+        "HyperParameterTuningJobConfig": {"HyperParameterTuningJobObjective": {"MetricName": "validation:accuracy"}},
+        "TrainingJobDefinition": {"OutputDataConfig": {"S3OutputPath": "s3://b/p/output/"}},
+        "BestTrainingJob": {
+            "TrainingJobName": "t-003",
+            "TunedHyperParameters": {"learning_rate": "0.02"},
+            "FinalHyperParameterTuningJobObjectiveMetric": {"MetricName": "validation:accuracy", "Value": 0.7},
+        },
+    }
+    best = jobs.candidate({"Tuning": tuning}, "validation:accuracy")
+    assert best["model_data_url"] == "s3://b/p/output/t-003/output/model.tar.gz"
+    assert (best["value"], best["tuning_job"]) == (0.7, "t")

@@ -1,0 +1,94 @@
+"""The trigger form: its JSON schemas refuse bad values, presets fill empty fields, cross-field rules hold."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import jsonschema
+import pytest
+
+from tagflow import runconfig
+from tagflow.errors import InputError
+
+
+def _valid(name: str, value) -> bool:
+    schema = {k: v for k, v in runconfig.PARAMS[name].items() if k not in ("section", "default")}
+    try:
+        jsonschema.validate(value, schema)
+    except jsonschema.ValidationError:
+        return False
+    return True
+
+
+def test_every_default_satisfies_its_own_schema_and_every_field_is_documented():
+    for name, spec in runconfig.PARAMS.items():
+        assert _valid(name, spec["default"]), name
+        assert spec.get("section") in ("Dataset", "Packing", "Training", "Tuning", "Deployment"), name
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("preset", "75-label"),
+        ("list_uri", "https://example.com/list.lst"),
+        ("list_uri", "s3://A_BAD_BUCKET/list.lst"),
+        ("bucket", "x"),
+        ("num_labels", 0),
+        ("num_labels", "50"),
+        ("resize", 4),
+        ("quality", 101),
+        ("train_ratio", 1.0),
+        ("shard_size", 1),
+        ("mode", "eval"),
+        ("backend", "gcp"),
+        ("instance_type", "p3.2xlarge"),
+        ("hyperparameters", "epochs=3"),
+        ("max_jobs", 0),
+        ("deploy", "yes"),
+        ("endpoint_name", "-leading-hyphen"),
+        ("endpoint_name", "x" * 64),
+        ("metric_gate", 1.5),
+    ],
+)
+def test_the_form_refuses_bad_values(name, value):
+    assert not _valid(name, value)
+
+
+def test_a_preset_fills_only_the_fields_left_empty():
+    cfg = runconfig.resolve({"preset": "ic-multi-label", "dataset_prefix": "mine/v2"})
+    assert cfg.num_labels == 334
+    assert cfg.dataset_prefix == "mine/v2"
+    assert cfg.list_uri == runconfig.PRESETS["ic-multi-label"]["list_uri"]
+    assert cfg.dataset_uri == "s3://tagflow-data/mine/v2"
+    assert runconfig.resolve({}).num_labels == 50
+
+
+def test_the_cutoff_travels_with_the_config():
+    cutoff = datetime(2026, 11, 3, tzinfo=UTC)
+    assert runconfig.resolve({}, list_until=cutoff).list_until == "2026-11-03T00:00:00+00:00"
+    assert runconfig.RunConfig.from_dict(runconfig.resolve({}).to_dict()) == runconfig.resolve({})
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"preset": "custom"}, "preset custom: set list_uri, dataset_prefix, num_labels, resize"),
+        ({"hyperparameters": {"num_classes": 50}}, "hyperparameters: num_classes come from the packed data"),
+        ({"mode": "tune", "tuning_ranges": {}}, "tuning_ranges: mode is tune but no range is given"),
+        ({"mode": "tune", "max_jobs": 2, "max_parallel_jobs": 3}, "max_parallel_jobs: 3 is more than max_jobs (2)"),
+        ({"backend": "sagemaker", "objective_metric": "validation:mAP"}, "reported only by the local trainer"),
+        ({"list_uri": "s3://bucket"}, "names a bucket, not a list file"),
+        ({"num_lables": 50}, "params: unknown field(s) num_lables"),
+    ],
+)
+def test_cross_field_rules_name_the_field(params, message):
+    with pytest.raises(InputError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        runconfig.resolve(params)
+
+
+def test_manual_runs_read_up_to_now_and_scheduled_runs_up_to_their_interval_end():
+    end = datetime(2026, 11, 2, tzinfo=UTC)
+    after = datetime(2026, 11, 5, 14, tzinfo=UTC)
+    assert runconfig.partition_cutoff("scheduled", end, after) == end
+    assert runconfig.partition_cutoff("backfill", end, after) == end
+    assert runconfig.partition_cutoff("manual", end, after) == after
