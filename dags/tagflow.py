@@ -73,7 +73,7 @@ with DAG(
         "execution_timeout": timedelta(hours=2),
     },
 ) as dag:
-    config = ResolveConfigOperator(task_id="resolve_config", retries=0, execution_timeout=timedelta(minutes=5))
+    config = ResolveConfigOperator(task_id="resolve_config", execution_timeout=timedelta(minutes=5))
     prepare = PrepareDatasetOperator(task_id="prepare", config=CONFIG)
 
     @task_group(group_id="shard")

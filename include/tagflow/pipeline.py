@@ -291,7 +291,7 @@ def download_shard(spec: DatasetSpec, ref: PlanRef, index: int, client=None) -> 
     target = download_uri(spec, shard.digest)
     if _exists(client, target):
         log.info("shard %d (%s) already staged at %s", index, shard.digest, target)
-        return {"index": index, "staged": str(target), "reused": True}
+        return {"index": index, "staged": str(target), "reused": True, "images": len(rows), "fetched": 0}
     paths = rows.paths
     with tempfile.TemporaryDirectory(prefix="tagflow-dl-") as tmp:
         root = Path(tmp) / "images"
@@ -310,7 +310,14 @@ def download_shard(spec: DatasetSpec, ref: PlanRef, index: int, client=None) -> 
         _write_tar(bundle, root, files, {REPORT_MEMBER: report.to_dict()})
         s3.put_file(client, bundle, target)
     log.info("shard %d: %d fetched, %d errors, staged at %s", index, report.fetched, len(report.errors), target)
-    return {"index": index, "staged": str(target), "reused": False, "errors": len(report.errors)}
+    return {
+        "index": index,
+        "staged": str(target),
+        "reused": False,
+        "images": len(rows),
+        "fetched": report.fetched,
+        "errors": len(report.errors),
+    }
 
 
 def pack_shard(spec: DatasetSpec, ref: PlanRef, index: int, client=None) -> dict[str, Any]:

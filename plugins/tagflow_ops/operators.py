@@ -12,6 +12,7 @@ import logging
 import os
 import tempfile
 from collections.abc import Mapping, Sequence
+from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -26,6 +27,20 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 S3_POOL = 40  # connections for a download shard's 32 threads plus headroom
+
+
+@contextmanager
+def bad_input_fails_fast():
+    """A user error (bad list line, bad param, bad model archive) fails the task at once with its message:
+    retrying cannot fix it. Anything else (network, S3, a crashed worker) raises as is and is retried."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from tagflow.errors import InputError
+
+    try:
+        yield
+    except InputError as err:
+        raise AirflowFailException(str(err)) from None
 
 
 def _cfg(config: Mapping[str, Any]):
@@ -77,6 +92,13 @@ class TagflowOperator(BaseOperator):
     def aws(self) -> AwsClients:
         return AwsClients(self.aws_conn_id)
 
+    def execute(self, context: Context) -> Any:
+        with bad_input_fails_fast():
+            return self.run(context)
+
+    def run(self, context: Context) -> Any:
+        raise NotImplementedError
+
 
 class ResolveConfigOperator(BaseOperator):
     """Validate the run's params across fields and fill presets; the result is every later task's `config`."""
@@ -95,7 +117,8 @@ class ResolveConfigOperator(BaseOperator):
         cutoff = runconfig.partition_cutoff(
             str(run.run_type), context.get("data_interval_end"), getattr(run, "run_after", None)
         )
-        cfg = runconfig.resolve(dict(context["params"]), list_until=cutoff)
+        with bad_input_fails_fast():
+            cfg = runconfig.resolve(dict(context["params"]), list_until=cutoff)
         self.log.info("run %s: preset %s, %s/%s, dataset %s, list %s (partitions before %s)", run.run_id,
                       cfg.preset, cfg.backend, cfg.mode, cfg.dataset_uri, cfg.list_uri, cfg.list_until)  # fmt: skip
         return cfg.to_dict()
@@ -105,7 +128,7 @@ class PrepareDatasetOperator(TagflowOperator):
     """Parse and validate the list, plan shards, stage the plan. Returns the shard indices (what the shard tasks
     map over) and pushes the plan reference under the XCom key `plan`."""
 
-    def execute(self, context: Context) -> list[int]:
+    def run(self, context: Context) -> list[int]:
         from tagflow import jobs, pipeline
 
         ref = pipeline.prepare(jobs.dataset_spec(_cfg(self.config)), self.aws.s3)
@@ -133,7 +156,7 @@ class _ShardOperator(TagflowOperator):
 class DownloadShardOperator(_ShardOperator):
     """Fetch one shard's images into one staged tar in S3 (reused when its content digest is already staged)."""
 
-    def execute(self, context: Context) -> dict[str, Any]:
+    def run(self, context: Context) -> dict[str, Any]:
         from tagflow import pipeline
 
         spec, ref, index = self._args()
@@ -143,7 +166,7 @@ class DownloadShardOperator(_ShardOperator):
 class PackShardOperator(_ShardOperator):
     """Pack one staged shard into train/val RecordIO parts, staged in S3 (reused when already packed)."""
 
-    def execute(self, context: Context) -> dict[str, Any]:
+    def run(self, context: Context) -> dict[str, Any]:
         from tagflow import pipeline
 
         spec, ref, index = self._args()
@@ -161,7 +184,7 @@ class PublishDatasetOperator(TagflowOperator):
         super().__init__(**kwargs)
         self.plan = plan
 
-    def execute(self, context: Context) -> dict[str, Any]:
+    def run(self, context: Context) -> dict[str, Any]:
         from tagflow import jobs, manifest, pipeline
 
         cfg = _cfg(self.config)
@@ -198,7 +221,7 @@ class LocalTrainingOperator(TagflowOperator):
 
     template_fields: Sequence[str] = ("config",)
 
-    def execute(self, context: Context) -> dict[str, Any]:
+    def run(self, context: Context) -> dict[str, Any]:
         from tagflow import jobs
         from tagflow.local.runner import run_training_job
         from tagflow.sagemaker_config import LOCAL_IMAGE_URI, LOCAL_ROLE_ARN
@@ -218,7 +241,7 @@ class LocalTrainingOperator(TagflowOperator):
 class LocalTuningOperator(TagflowOperator):
     """Run this run's tuning job in the local algorithm environment (same request as on SageMaker)."""
 
-    def execute(self, context: Context) -> dict[str, Any]:
+    def run(self, context: Context) -> dict[str, Any]:
         from tagflow import jobs
         from tagflow.local.tuner import run_tuning_job
         from tagflow.sagemaker_config import LOCAL_IMAGE_URI, LOCAL_ROLE_ARN
@@ -249,7 +272,7 @@ class SageMakerRequestOperator(TagflowOperator):
         self.kind = kind
         self.role_variable = role_variable
 
-    def execute(self, context: Context) -> dict[str, Any]:
+    def run(self, context: Context) -> dict[str, Any]:
         from airflow.sdk import Variable
         from sagemaker.core import image_uris
 
@@ -364,7 +387,7 @@ class DeployGateOperator(TagflowOperator):
         super().__init__(**kwargs)
         self.candidates = list(candidates)
 
-    def execute(self, context: Context) -> dict[str, Any]:
+    def run(self, context: Context) -> dict[str, Any]:
         from tagflow import deploy, jobs
 
         cfg = _cfg(self.config)
@@ -391,8 +414,7 @@ class DeployGateOperator(TagflowOperator):
         if cfg.backend == "local":
             from tagflow.local import endpoint
 
-            info = endpoint.status(endpoint.default_state_dir(cfg.endpoint_name))
-            return deploy.local_serving_value(endpoint.metadata(info) if info else None, cfg.objective_metric)
+            return deploy.local_serving_value(endpoint.metadata(local_endpoint()[0]), cfg.objective_metric)
         sagemaker = self.aws.client("sagemaker")
         try:
             current = sagemaker.describe_endpoint(EndpointName=cfg.endpoint_name)
@@ -405,7 +427,8 @@ class DeployGateOperator(TagflowOperator):
 
 
 class LocalDeployOperator(TagflowOperator):
-    """Serve the candidate on the local endpoint: start it, or swap the model in without dropping requests."""
+    """Serve the candidate on the local endpoint: the server loads it completely, then switches (no request is
+    dropped; on failure the old model keeps serving)."""
 
     template_fields: Sequence[str] = ("config", "decision")
 
@@ -413,18 +436,15 @@ class LocalDeployOperator(TagflowOperator):
         super().__init__(**kwargs)
         self.decision = decision
 
-    def execute(self, context: Context) -> dict[str, Any]:
+    def run(self, context: Context) -> dict[str, Any]:
         from tagflow.local import endpoint
 
         cfg = _cfg(self.config)
         model = self.decision["candidate"]["model_data_url"]
-        state = endpoint.default_state_dir(cfg.endpoint_name)
-        if endpoint.status(state):
-            info = endpoint.swap(state, model, client=self.aws.s3)
-        else:
-            info = endpoint.start(model, name=cfg.endpoint_name, state_dir=state, client=self.aws.s3)
-        self.log.info("endpoint %s at %s serves %s", info.name, info.url, model)
-        return {"endpoint": info.name, "url": info.url, "model": model}
+        url, token = local_endpoint()
+        served = endpoint.load(url, model, name=cfg.endpoint_name, client=self.aws.s3, token=token)
+        self.log.info("endpoint %s at %s serves %s", served["name"], url, model)
+        return {"endpoint": served["name"], "url": url, "model": model}
 
 
 class SageMakerEndpointConfigOperator(TagflowOperator):
@@ -436,7 +456,7 @@ class SageMakerEndpointConfigOperator(TagflowOperator):
         super().__init__(**kwargs)
         self.decision = decision
 
-    def execute(self, context: Context) -> dict[str, Any]:
+    def run(self, context: Context) -> dict[str, Any]:
         from sagemaker.core import image_uris
 
         from tagflow import deploy
@@ -460,10 +480,26 @@ def _variable(name: str) -> str:
     return Variable.get(name)
 
 
+def local_endpoint() -> tuple[str, str | None]:
+    """The local endpoint service's URL and admin token, from the Airflow Variables `tagflow_endpoint_url` and
+    `tagflow_endpoint_token` (set by `make up`, `make demo` and docker-compose.yaml)."""
+    from airflow.sdk import Variable
+
+    url = Variable.get("tagflow_endpoint_url", default=None)
+    if not url:
+        from tagflow.errors import InputError
+
+        raise InputError(
+            "the Airflow Variable tagflow_endpoint_url is not set: the local backend deploys to the local endpoint "
+            "service (`make up` starts one and sets it), or choose backend=sagemaker"
+        )
+    return url, Variable.get("tagflow_endpoint_token", default=None)
+
+
 class SmokeTestOperator(TagflowOperator):
     """Send one validation image through sagemaker-runtime InvokeEndpoint and check the answer's shape."""
 
-    def execute(self, context: Context) -> dict[str, Any]:
+    def run(self, context: Context) -> dict[str, Any]:
         from tagflow import deploy, jobs
         from tagflow.local import endpoint
 
@@ -472,10 +508,7 @@ class SmokeTestOperator(TagflowOperator):
         num_classes = int(jobs.read_manifest(cfg.dataset_uri, self.aws.s3)["num_labels"])
         content_type = endpoint.content_type_of(image)
         if cfg.backend == "local":
-            info = endpoint.status(endpoint.default_state_dir(cfg.endpoint_name))
-            if info is None:
-                raise RuntimeError(f"local endpoint {cfg.endpoint_name} is not running")
-            runtime = endpoint.runtime_client(info)
+            runtime = endpoint.runtime_client(local_endpoint()[0])
         else:
             runtime = self.aws.client("sagemaker-runtime")
         response = runtime.invoke_endpoint(EndpointName=cfg.endpoint_name, ContentType=content_type, Body=image)

@@ -58,6 +58,17 @@ class ServerInfo:
     ports: dict[str, int]
     state_dir: str
 
+    def client(self, **options):
+        """A boto3 S3 client for this server with its own credentials (tagflow.s3.make_client's options)."""
+        import boto3
+
+        from tagflow import s3
+
+        session = boto3.session.Session(
+            aws_access_key_id=self.access_key, aws_secret_access_key=self.secret_key, region_name=self.region
+        )
+        return s3.make_client(self.endpoint, session=session, **options)
+
     def env(self) -> dict[str, str]:
         """Environment variables under which boto3 (and so tagflow) talks to this server."""
         return {

@@ -1,0 +1,46 @@
+"""The services a local tagflow runs against, started once and found again by their state folders under
+$TAGFLOW_HOME: the S3 server (with the buckets the default preset uses) and the local endpoint, empty until the
+DAG deploys a model into it. `make demo` and `make up` start them the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from tagflow import s3
+from tagflow.local import endpoint, s3server
+from tagflow.local.s3server import ServerInfo
+
+RAW_BUCKET = "tagflow-raw"
+DATA_BUCKET = "tagflow-data"
+ENDPOINT_NAME = "tagflow-designs"
+
+
+@dataclass(frozen=True)
+class Services:
+    s3: ServerInfo
+    endpoint: endpoint.EndpointInfo
+
+    def airflow_variables(self) -> dict[str, str]:
+        """The Airflow Variables through which the DAG's local backend finds the endpoint."""
+        return {"tagflow_endpoint_url": self.endpoint.url}
+
+
+def endpoint_state_dir() -> Path:
+    return endpoint.default_state_dir(ENDPOINT_NAME)
+
+
+def start() -> Services:
+    """Start (or find) the S3 server and the endpoint; create the default preset's buckets. Idempotent."""
+    info = s3server.start()
+    client = info.client()
+    for bucket in (RAW_BUCKET, DATA_BUCKET):
+        s3.ensure_bucket(client, bucket)
+    served = endpoint.start(None, name=ENDPOINT_NAME, state_dir=endpoint_state_dir())
+    return Services(s3=info, endpoint=served)
+
+
+def stop() -> dict[str, bool]:
+    """Stop the endpoint and the S3 server (their data stays); which of them was running."""
+    return {"endpoint": endpoint.stop(endpoint_state_dir()), "s3": s3server.stop()}
