@@ -5,8 +5,9 @@
     python3 deploy/make_env.py --out PATH
 
 Standard library only, so any Python 3 runs it. AIRFLOW_FERNET_KEY gets a Fernet key (32 random bytes, url-safe
-base64); every other empty value gets 48 hex digits, safe inside the URLs compose builds from them. Values already
-set in .env.example (ports, the model to serve, the S3 access key name) are copied as they are.
+base64); every other empty value (passwords, the S3 secret key, the endpoint's admin token) gets 48 hex digits, safe
+inside the URLs compose builds from them. Values already set in .env.example (ports, the S3 access key name) are
+copied as they are.
 """
 
 from __future__ import annotations

@@ -253,6 +253,7 @@ def test_make_env_fills_every_secret_and_keeps_an_existing_env(tmp_path):
         "AIRFLOW_API_SECRET_KEY",
         "AIRFLOW_ADMIN_PASSWORD",
         "S3_SECRET_KEY",
+        "TAGFLOW_ENDPOINT_TOKEN",
     }
     assert all(made[name] for name in secrets_)
     assert all(made[name] == value for name, value in example.items() if value)
@@ -291,6 +292,22 @@ def test_s3_credentials_and_endpoint_agree_on_both_sides(compose, services):
     assert variables_in(endpoint["AWS_SECRET_ACCESS_KEY"]) == ["S3_SECRET_KEY"]
     for name in AIRFLOW_COMPONENTS:
         assert not any(k.startswith("AWS_") for k in env_of(services[name])), f"{name}: S3 keys belong in aws_default"
+
+
+def test_airflow_reaches_the_endpoint_by_url_with_its_token(services):
+    """Tasks on any worker find the endpoint service by its compose name and container port, and hold the admin
+    token the server was started with; the server starts with no model (no TAGFLOW_ENDPOINT_MODEL any more)."""
+    endpoint = services["endpoint"]
+    env = env_of(endpoint)
+    port = env["TAGFLOW_ENDPOINT_PORT"]
+    assert [p.rsplit(":", 1)[1] for p in endpoint["ports"]] == [port]
+    assert f"http://127.0.0.1:{port}/health" in endpoint["healthcheck"]["test"][-1]
+    assert variables_in(env["TAGFLOW_ENDPOINT_TOKEN"]) == ["TAGFLOW_ENDPOINT_TOKEN"]
+    assert "TAGFLOW_ENDPOINT_MODEL" not in env
+    for name in [*AIRFLOW_COMPONENTS, "airflow-init"]:
+        airflow = env_of(services[name])
+        assert airflow["AIRFLOW_VAR_TAGFLOW_ENDPOINT_URL"] == f"http://endpoint:{port}", name
+        assert variables_in(airflow["AIRFLOW_VAR_TAGFLOW_ENDPOINT_TOKEN"]) == ["TAGFLOW_ENDPOINT_TOKEN"], name
 
 
 # --- the image ----------------------------------------------------------------------------------------------------
@@ -372,7 +389,9 @@ for path in request["objects"]:
         getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as err:
         missing[path] = f"{type(err).__name__}: {err}"
-print(json.dumps({"unknown": unknown, "refused": refused, "missing": missing}))
+from airflow.secrets.environment_variables import EnvironmentVariablesBackend
+variables = {key: EnvironmentVariablesBackend().get_variable(key) for key in request["variables"]}
+print(json.dumps({"unknown": unknown, "refused": refused, "missing": missing, "variables": variables}))
 """
 
 
@@ -390,13 +409,16 @@ def installed_airflow(services, tmp_path_factory) -> dict:
             env_of(services["airflow-apiserver"])["AIRFLOW__CORE__AUTH_MANAGER"],
             "airflow.providers.celery.executors.celery_executor.CeleryExecutor",
         ],
+        "variables": ["tagflow_endpoint_url", "tagflow_endpoint_token"],
     }
+    worker_env = env_of(services["airflow-worker-1"])
     env = {
         "PATH": os.environ["PATH"],
         "HOME": str(home),
         "AIRFLOW_HOME": str(home / "airflow"),
         "AIRFLOW__CORE__EXECUTOR": "CeleryExecutor",  # `airflow celery ...` exists only under it
         "AIRFLOW__CORE__LOAD_EXAMPLES": "false",
+        **{k: placeholders(v) for k, v in worker_env.items() if k.startswith("AIRFLOW_VAR_")},
     }
     done = subprocess.run(
         [sys.executable, "-c", AIRFLOW_CHECK, json.dumps(request)], capture_output=True, text=True, env=env, timeout=300
@@ -419,6 +441,15 @@ def test_airflow_accepts_every_command_the_services_run(installed_airflow):
 def test_the_executor_auth_manager_and_celery_app_import(installed_airflow):
     """The CeleryExecutor's app is what the scheduler sends tasks with and the worker healthcheck pings."""
     assert installed_airflow["missing"] == {}, installed_airflow["missing"]
+
+
+def test_the_endpoint_variables_reach_tasks_under_the_names_the_operators_read(installed_airflow):
+    """Airflow maps AIRFLOW_VAR_NAME to Variable `name`: the installed Airflow resolves the two the operators read
+    (the token's ${...} stands as a placeholder here)."""
+    assert installed_airflow["variables"] == {
+        "tagflow_endpoint_url": "http://endpoint:8080",
+        "tagflow_endpoint_token": "x",
+    }
 
 
 def test_every_airflow_component_gets_the_same_core_configuration(services):
@@ -484,6 +515,9 @@ def test_compose_config_accepts_the_file_with_a_made_env(compose_config, tmp_pat
     assert (identity["accessKey"], identity["secretKey"]) == (made["S3_ACCESS_KEY"], made["S3_SECRET_KEY"])
     sql = resolved["services"]["airflow-scheduler"]["environment"]["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"]
     assert sql == f"postgresql+psycopg2://airflow:{made['POSTGRES_PASSWORD']}@postgres:5432/airflow"
+    worker_token = resolved["services"]["airflow-worker-1"]["environment"]["AIRFLOW_VAR_TAGFLOW_ENDPOINT_TOKEN"]
+    assert worker_token == resolved["services"]["endpoint"]["environment"]["TAGFLOW_ENDPOINT_TOKEN"]
+    assert worker_token == made["TAGFLOW_ENDPOINT_TOKEN"]
     published = {p["published"] for s in resolved["services"].values() for p in s.get("ports", [])}
     assert published == {made["AIRFLOW_API_PORT"], made["S3_PORT"], made["ENDPOINT_PORT"]}
 
@@ -497,24 +531,27 @@ def test_compose_config_refuses_to_run_without_secrets(compose_config, tmp_path)
 # --- the endpoint service's script --------------------------------------------------------------------------------
 
 
-def endpoint_env(tmp_path: Path, s3_server, model_uri: str, **extra: str) -> dict[str, str]:
-    return {
+ENDPOINT_TOKEN = "compose-test-" + "5" * 36
+
+
+def endpoint_env(tmp_path: Path, s3_server, **extra: str | None) -> dict[str, str]:
+    env = {
         **os.environ,
         **s3_server.env(),
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
         "TAGFLOW_HOME": str(tmp_path / "home"),
-        "TAGFLOW_ENDPOINT_MODEL": model_uri,
+        "TAGFLOW_ENDPOINT_TOKEN": ENDPOINT_TOKEN,
         "TAGFLOW_ENDPOINT_HOST": "127.0.0.1",
         **extra,
     }
+    return {k: v for k, v in env.items() if v is not None}
 
 
-def test_endpoint_script_stops_on_an_object_that_is_no_model(s3_server, s3_client, bucket, tmp_path):
-    s3_client.put_object(Bucket=bucket, Key="models/model.tar.gz", Body=b"not a tarball")
-    env = endpoint_env(tmp_path, s3_server, f"s3://{bucket}/models/model.tar.gz")
-    done = subprocess.run(["sh", str(ENDPOINT_SCRIPT)], capture_output=True, text=True, env=env, timeout=300)
-    assert done.returncode == 2, done.stderr
-    assert "not a readable model.tar.gz" in done.stderr
+def test_endpoint_script_refuses_to_start_without_a_token(s3_server, tmp_path):
+    env = endpoint_env(tmp_path, s3_server, TAGFLOW_ENDPOINT_TOKEN=None)
+    done = subprocess.run(["sh", str(ENDPOINT_SCRIPT)], capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode != 0
+    assert "set TAGFLOW_ENDPOINT_TOKEN" in done.stderr
 
 
 def wait_for(what: str, check, proc: subprocess.Popen, limit_s: float, log: Path):
@@ -542,21 +579,16 @@ def http_get(url: str) -> tuple[int, bytes] | None:
 
 @pytest.mark.slow
 @pytest.mark.mxnet
-def test_endpoint_script_waits_for_the_model_serves_it_and_stops_on_sigterm(
+def test_endpoint_script_starts_empty_loads_with_the_token_and_stops_on_sigterm(
     s3_server, s3_client, bucket, tmp_path, mxnet_python
 ):
+    """The service as the DAG's deploy task meets it: empty at first, a model loaded by URL with the token."""
+    from tagflow.errors import TagflowError
+    from tagflow.local import endpoint
     from test_local_endpoint import train_tiny_model
 
-    model_uri = f"s3://{bucket}/output/job/output/model.tar.gz"
     port = process.free_ports(1)[0]
-    env = endpoint_env(
-        tmp_path,
-        s3_server,
-        model_uri,
-        TAGFLOW_ENDPOINT_PORT=str(port),
-        TAGFLOW_ENDPOINT_RETRY_S="1",
-        TAGFLOW_MXNET_PYTHON=str(mxnet_python),
-    )
+    env = endpoint_env(tmp_path, s3_server, TAGFLOW_ENDPOINT_PORT=str(port), TAGFLOW_MXNET_PYTHON=str(mxnet_python))
     out, err = tmp_path / "stdout.log", tmp_path / "stderr.log"
     state = tmp_path / "home" / "endpoints" / "tagflow"
     with out.open("wb") as out_fh, err.open("wb") as err_fh:
@@ -564,14 +596,20 @@ def test_endpoint_script_waits_for_the_model_serves_it_and_stops_on_sigterm(
             ["sh", str(ENDPOINT_SCRIPT)], stdout=out_fh, stderr=err_fh, env=env, start_new_session=True
         )
     try:
-        wait_for("a wait for the missing model", lambda: "cannot serve" in err.read_text(), proc, 120, err)
         archive = train_tiny_model(tmp_path / "train", mxnet_python)
+        model_uri = f"s3://{bucket}/output/job/output/model.tar.gz"
         s3_client.upload_file(str(archive), bucket, "output/job/output/model.tar.gz")
 
         url = f"http://127.0.0.1:{port}"
-        wait_for("an answer to /ping", lambda: (http_get(f"{url}/ping") or (0,))[0] == 200, proc, 300, err)
-        status, body = http_get(f"{url}/metadata")
-        assert status == 200 and json.loads(body)["source"] == model_uri
+        wait_for("an answer to /health", lambda: (http_get(f"{url}/health") or (0,))[0] == 200, proc, 120, err)
+        assert endpoint.health(url) == {"name": "tagflow", "loaded": False, "source": None}
+        assert http_get(f"{url}/ping")[0] == 503
+        with pytest.raises(TagflowError, match="HTTP 403"):
+            endpoint.load(url, model_uri, client=s3_client)  # loopback, but the service has a token
+        answer = endpoint.load(url, model_uri, client=s3_client, token=ENDPOINT_TOKEN)
+        assert answer["source"] == model_uri
+        assert http_get(f"{url}/ping")[0] == 200
+        assert endpoint.metadata(url)["source"] == model_uri
         server_log_head = wait_for(
             "a server log", lambda: (state / "endpoint.log").read_text().splitlines(), proc, 60, err
         )[0]

@@ -1,15 +1,19 @@
 """The local endpoint: a model trained by algo/ic_train.py, served by algo/ic_serve.py, called by boto3.
 
 The models are trained once per module (1 epoch, 48 generated 96-px images, ResNet-18): the real trainer's
-model.tar.gz, not a hand-made checkpoint.
+model.tar.gz, not a hand-made checkpoint. Models reach the server as a worker on another machine would send them:
+an S3 presigned URL from the real local S3 server, which the server downloads itself.
 """
 
 from __future__ import annotations
 
+import http.server
 import io
 import json
 import os
+import re
 import subprocess
+import tarfile
 import threading
 import time
 import urllib.error
@@ -23,6 +27,7 @@ from botocore.config import Config
 from PIL import Image, ImageDraw
 
 from tagflow import s3
+from tagflow.errors import InputError, TagflowError
 from tagflow.local import endpoint
 from tagflow.local.runner import TRAINER, _tar, write_config
 from tagflow.recordio import RecordWriter
@@ -160,9 +165,10 @@ def test_boto3_sagemaker_runtime_invokes_the_local_endpoint(served):
 
 def test_ping_metadata_and_idempotent_start(served, models, mxnet_python):
     assert get(f"{served.url}/ping")[0] == 200
+    assert endpoint.health(served.url) == {"name": "tiny", "loaded": True, "source": str(models[0])}
     status, body = get(f"{served.url}/metadata")
     meta = json.loads(body)
-    assert status == 200
+    assert status == 200 and endpoint.metadata(served.url) == meta == endpoint.metadata(served)
     assert meta["name"] == "tiny" and meta["source"] == str(models[0])
     assert meta["num_classes"] == len(COLORS) and meta["image_shape"] == [3, 96, 96] and meta["multi_label"]
     assert meta["params_file"] == meta["metrics"]["params_file"]
@@ -236,15 +242,200 @@ def test_swap_under_load_drops_nothing(served, models):
     meta = json.loads(get(f"{served.url}/metadata")[1])
     assert meta["source"] == str(models[1]) and meta["num_classes"] == 3
     assert endpoint.status(Path(served.state_dir)) == new
-    assert sorted(p.name for p in (Path(served.state_dir) / "models").iterdir()) == [Path(new.model_dir).name]
+    assert new.model_source == str(models[1])
+    # The server keeps only the folder of the model it serves.
+    assert list((Path(served.state_dir) / "models").iterdir()) == [Path(meta["model_dir"])]
 
 
-def test_a_broken_archive_is_refused_and_the_old_model_keeps_serving(served, tmp_path):
-    broken = tmp_path / "model.tar.gz"
-    broken.write_bytes(b"not a tar")
-    with pytest.raises(Exception, match=r"not a readable model\.tar\.gz"):
-        endpoint.swap(Path(served.state_dir), broken)
-    assert post(served.invocations_url, render(5)[0])[0] == 200
+class OversizedArchive(http.server.BaseHTTPRequestHandler):
+    """An HTTP server whose every GET announces a 3 GiB body (and sends none): over the server's 2 GiB cap."""
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "application/gzip")
+        self.send_header("Content-Length", str(3 * 1024**3))
+        self.end_headers()
+
+    def log_message(self, format: str, *args) -> None:
+        pass
+
+
+def test_a_bad_model_url_is_refused_and_the_old_model_keeps_serving(served, models, s3_client, bucket, tmp_path):
+    url = served.url
+    not_a_tar = s3.S3Uri(bucket, "models/not-a-tar/model.tar.gz")
+    s3_client.put_object(Bucket=bucket, Key=not_a_tar.key, Body=b"not a tar")
+    no_model = s3.S3Uri(bucket, "models/no-model/model.tar.gz")
+    only_metrics = tmp_path / "only-metrics.tar.gz"
+    with tarfile.open(only_metrics, "w:gz") as tar:
+        info = tarfile.TarInfo("metrics.json")
+        info.size = 2
+        tar.addfile(info, io.BytesIO(b"{}"))
+    s3.put_file(s3_client, only_metrics, no_model)
+    local_broken = tmp_path / "model.tar.gz"
+    local_broken.write_bytes(b"not a tar")
+    big = http.server.ThreadingHTTPServer(("127.0.0.1", 0), OversizedArchive)
+    threading.Thread(target=big.serve_forever, daemon=True).start()
+    cases = [
+        (str(not_a_tar), InputError, r"HTTP 422\).*not a readable model\.tar\.gz"),
+        (local_broken, InputError, r"HTTP 422\).*not a readable model\.tar\.gz"),
+        (
+            str(no_model),
+            InputError,
+            r"HTTP 422\).*not an image-classification model; it lacks image-classification-symbol",
+        ),
+        (f"s3://{bucket}/models/missing/model.tar.gz", TagflowError, r"HTTP 502\).*answered HTTP 404: NoSuchKey"),
+        (f"http://127.0.0.1:{big.server_address[1]}/model.tar.gz", InputError, r"HTTP 413\).*3221225472 bytes"),
+    ]
+    try:
+        for model, error, message in cases:
+            with pytest.raises(error, match=message) as raised:
+                endpoint.load(url, model, client=s3_client)
+            assert f"endpoint at {url} refused {model}" in str(raised.value)
+            assert "X-Amz-Signature" not in str(raised.value)  # a presigned URL is a credential: never echoed
+    finally:
+        big.shutdown()
+        big.server_close()
+    with pytest.raises(InputError, match=r"HTTP 400\).*name 'not_valid'"):
+        endpoint.load(url, models[1], name="not_valid")
+    status, doc = post(f"{url}/admin/load", json.dumps({"model_url": "ftp://host/model.tar.gz"}).encode(), None)
+    assert status == 400 and "http, https or file" in doc["message"]
+
+    assert endpoint.health(url) == {"name": "tiny", "loaded": True, "source": str(models[0])}
+    status, probs = post(served.invocations_url, render(5)[0])
+    assert status == 200 and len(probs) == len(COLORS)
+    meta = endpoint.metadata(url)
+    assert list((Path(served.state_dir) / "models").iterdir()) == [Path(meta["model_dir"])]
+    assert "X-Amz-Signature" not in (Path(served.state_dir) / "endpoint.log").read_text()
+
+
+def test_an_empty_endpoint_is_healthy_and_says_it_has_no_model(tmp_path, mxnet_python):
+    state = tmp_path / "endpoint"
+    info = endpoint.start(name="empty", state_dir=state, mxnet_python=mxnet_python)
+    try:
+        assert info.model_source is None
+        assert endpoint.health(info.url) == {"name": "empty", "loaded": False, "source": None}
+        assert endpoint.status(state) == info
+        assert get(f"{info.url}/ping")[0] == 503
+        assert endpoint.metadata(info.url) is None
+        image, _ = render(2)
+        assert post(info.invocations_url, image) == (503, {"message": "no model is loaded yet"})
+        client = endpoint.runtime_client(info.url)
+        with pytest.raises(client.exceptions.ModelNotReadyException, match="no model is loaded yet"):
+            client.invoke_endpoint(EndpointName="empty", ContentType="image/jpeg", Body=image)
+    finally:
+        endpoint.stop(state)
+
+
+def test_load_by_presigned_url_from_s3_and_rename(models, s3_client, bucket, tmp_path, mxnet_python):
+    """What a deploy task on another worker does: it reaches the server by URL only, and the server downloads the
+    model itself from a presigned URL (it has no S3 credentials of its own and no access to the caller's disk)."""
+    first, second = s3.S3Uri(bucket, "jobs/a/output/model.tar.gz"), s3.S3Uri(bucket, "jobs/b/output/model.tar.gz")
+    s3.put_file(s3_client, models[0], first)
+    s3.put_file(s3_client, models[1], second)
+    state = tmp_path / "endpoint"
+    with pytest.MonkeyPatch.context() as env:
+        for key in [k for k in os.environ if k.startswith("AWS_")]:
+            env.delenv(key)  # the server process gets no S3 credentials
+        info = endpoint.start(name="fresh", state_dir=state, mxnet_python=mxnet_python)
+    try:
+        answer = endpoint.load(info.url, str(first), client=s3_client)
+        assert answer["name"] == "fresh" and answer["source"] == str(first) and answer["num_classes"] == len(COLORS)
+        image, _ = render(11)
+        runtime = endpoint.runtime_client(info.url)
+        probs = json.loads(
+            runtime.invoke_endpoint(EndpointName="fresh", ContentType="image/jpeg", Body=image)["Body"].read()
+        )
+        assert len(probs) == len(COLORS)
+
+        answer = endpoint.load(info.url, str(second), name="renamed", client=s3_client)
+        assert answer["name"] == "renamed" and answer["num_classes"] == 3
+        response = runtime.invoke_endpoint(EndpointName="renamed", ContentType="image/jpeg", Body=image)
+        assert len(json.loads(response["Body"].read())) == 3
+        with pytest.raises(runtime.exceptions.ValidationError, match="Endpoint fresh of account"):
+            runtime.invoke_endpoint(EndpointName="fresh", ContentType="image/jpeg", Body=image)
+        assert endpoint.health(info.url) == {"name": "renamed", "loaded": True, "source": str(second)}
+        assert endpoint.metadata(info.url)["name"] == "renamed"
+        now = endpoint.status(state)
+        assert (now.name, now.model_source, now.url) == ("renamed", str(second), info.url)
+        assert list((state / "models").iterdir()) == [Path(answer["model_dir"])]
+    finally:
+        endpoint.stop(state)
+    assert not (state / "models").exists()
+
+
+TOKEN = "t0ken-" + "9" * 42
+
+
+def test_with_a_token_every_model_load_must_send_it(models, tmp_path, mxnet_python):
+    """Started with a token, the server refuses loads without it, or with another, even from loopback."""
+    state = tmp_path / "endpoint"
+    info = endpoint.start(name="guarded", state_dir=state, mxnet_python=mxnet_python, token=TOKEN)
+    try:
+        refused = [
+            (None, "needs the header `Authorization: Bearer <token>`"),
+            (TOKEN[:-1] + "8", "the bearer token is not this server's TAGFLOW_ENDPOINT_TOKEN"),
+        ]
+        for token, reason in refused:
+            with pytest.raises(TagflowError, match=r"HTTP 403\).*" + re.escape(reason)) as raised:
+                endpoint.load(info.url, models[0], token=token)
+            assert not isinstance(raised.value, InputError)
+        assert endpoint.health(info.url)["loaded"] is False
+        answer = endpoint.load(info.url, models[0], token=TOKEN)
+        assert answer["source"] == str(models[0])
+        assert post(info.invocations_url, render(4)[0])[0] == 200
+        assert endpoint.swap(state, models[1], token=TOKEN).model_source == str(models[1])
+    finally:
+        endpoint.stop(state)
+    log = (state / "endpoint.log").read_text()
+    assert "model loads accepted with the bearer token" in log and TOKEN not in log
+
+
+ADMIN_POLICY = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from ic_serve import admin_refusal
+cases = json.loads(sys.argv[2])
+print(json.dumps([admin_refusal(*case) for case in cases]))
+"""
+
+
+def test_admin_policy_for_remote_clients(mxnet_python):
+    """The server's rule for clients on other machines, which no test here can be: without a token they are refused;
+    with one, they need it. (Loopback cases run for real above.)"""
+    cases = [
+        (None, "10.1.2.3", ""),
+        (None, "10.1.2.3", f"Bearer {TOKEN}"),
+        (None, "127.0.0.5", ""),
+        (None, "::ffff:127.0.0.1", ""),
+        (None, "::1", ""),
+        (TOKEN, "10.1.2.3", ""),
+        (TOKEN, "10.1.2.3", "Basic dXNlcjpwYXNz"),
+        (TOKEN, "10.1.2.3", "Bearer wrong"),
+        (TOKEN, "10.1.2.3", f"Bearer {TOKEN}"),
+        (TOKEN, "fe80::1%eth0", f"bearer {TOKEN}"),
+    ]
+    done = subprocess.run(
+        [str(mxnet_python), "-c", ADMIN_POLICY, str(endpoint.SERVER.parent), json.dumps(cases)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    refusals = json.loads(done.stdout)
+    loopback_only = "accepts loopback clients only"
+    assert [r and r.split(":")[0] for r in refusals] == [
+        f"/admin/load {loopback_only}",
+        f"/admin/load {loopback_only}",
+        None,
+        None,
+        None,
+        "/admin/load needs the header `Authorization",
+        "/admin/load needs the header `Authorization",
+        "/admin/load",
+        None,
+        None,
+    ]
+    assert "the bearer token is not this server's" in refusals[7]
 
 
 def test_start_from_s3_and_stop_leaves_no_process(models, s3_client, bucket, tmp_path, mxnet_python):

@@ -416,24 +416,44 @@ EndpointName = Annotated[
 ]
 
 
+def _endpoint_token() -> str | None:
+    """The endpoint's admin token from the environment: given to servers `serve start` runs, sent by `serve swap`."""
+    from tagflow.local.endpoint import TOKEN_ENV
+
+    return os.environ.get(TOKEN_ENV, "").strip() or None
+
+
 @serve_app.command("start")
 def serve_start(
-    model: Annotated[str, typer.Argument(help="model.tar.gz: a local path or s3:// URI.")],
+    model: Annotated[
+        str | None, typer.Argument(help="model.tar.gz: a local path or s3:// URI (none: start with no model).")
+    ] = None,
     name: EndpointName = "tagflow",
     port: Annotated[int | None, typer.Option(help="Port (default: a free one).")] = None,
     host: Annotated[str, typer.Option(help="Address to listen on (loopback by default).")] = "127.0.0.1",
     workers: Annotated[int, typer.Option(min=1, help="Model executors (concurrent predictions).")] = 1,
     as_json: JsonFlag = False,
 ) -> None:
-    """Start serving MODEL (or report the endpoint already running under NAME)."""
+    """Start serving MODEL, or an empty endpoint to load models into later (or report the one running under NAME).
+
+    With TAGFLOW_ENDPOINT_TOKEN set, the server accepts model loads from any client sending it as a bearer token
+    (loopback included); without, from loopback clients only.
+    """
     from dataclasses import asdict
 
     from tagflow.local import endpoint
 
     info = endpoint.start(
-        model, name=name, port=port, host=host, workers=workers, state_dir=endpoint.default_state_dir(name)
+        model,
+        name=name,
+        port=port,
+        host=host,
+        workers=workers,
+        state_dir=endpoint.default_state_dir(name),
+        token=_endpoint_token(),
     )
-    _emit(as_json, asdict(info), f"endpoint {info.name} at {info.url} serving {info.model_source} (pid {info.pid})")
+    serving = f"serving {info.model_source}" if info.model_source else "with no model yet"
+    _emit(as_json, asdict(info), f"endpoint {info.name} at {info.url} {serving} (pid {info.pid})")
 
 
 @serve_app.command("swap")
@@ -448,7 +468,7 @@ def serve_swap(
     state = endpoint.default_state_dir(name)
     if endpoint.status(state) is None:
         raise TagflowError(f"no endpoint named {name!r} is running (tagflow serve start MODEL --name {name})")
-    info = endpoint.swap(state, model)
+    info = endpoint.swap(state, model, token=_endpoint_token())
     typer.echo(f"endpoint {info.name} now serves {info.model_source}")
 
 
@@ -471,7 +491,8 @@ def serve_status(name: EndpointName = "tagflow", as_json: JsonFlag = False) -> N
     if info is None:
         _emit(as_json, {"running": False}, "not running")
         raise typer.Exit(1)
-    _emit(as_json, {"running": True, **asdict(info)}, f"{info.name} at {info.url} serving {info.model_source}")
+    serving = f"serving {info.model_source}" if info.model_source else "with no model yet"
+    _emit(as_json, {"running": True, **asdict(info)}, f"{info.name} at {info.url} {serving}")
 
 
 @app.command()

@@ -1,17 +1,22 @@
-"""A local SageMaker-like endpoint: one model served by algo/ic_serve.py in the algorithm environment.
+"""A local SageMaker-like endpoint: one model served by algo/ic_serve.py in the algorithm environment, addressed by URL.
 
-`start(model_tar, name=...)` fetches a model.tar.gz (a local path or an `s3://` URI), extracts it, starts the server
-as its own process group under the MXNet interpreter ($TAGFLOW_MXNET_PYTHON, else <repo>/.venv-mxnet/bin/python)
-and waits until `/ping` answers. `stop`, `status` and `swap` find it again by its state folder:
+The server is a service: anything that can reach its URL can load a model into it (`load`: the server downloads the
+model.tar.gz itself, from an S3 presigned GET URL), read what it serves (`health`, `metadata`) and call it
+(`runtime_client`, `invoke`), from any machine. Loading needs the server's admin token when it has one
+(TAGFLOW_ENDPOINT_TOKEN), else a client on the server's loopback.
+
+`start(model_tar=None, name=...)` runs a server on this machine as its own process group under the MXNet interpreter
+($TAGFLOW_MXNET_PYTHON, else <repo>/.venv-mxnet/bin/python), waits until `/health` answers and, given a model, loads
+it. `stop` and `status` (and the CLI's `swap`) find that server again by its state folder:
 
     STATE/endpoint.pid    process id (the server leads its own process group)
-    STATE/endpoint.json   name, url, port and the model being served (EndpointInfo)
+    STATE/endpoint.json   its url, host and port (name and model are asked of the server: a load can change them)
     STATE/endpoint.log    server log
-    STATE/models/N/       the extracted model(s); older ones are removed after a swap
+    STATE/models/         the server's work folder: the extracted model it serves
 
-Clients: `boto3.client("sagemaker-runtime", endpoint_url=info.url, ...).invoke_endpoint(EndpointName=info.name,
-ContentType="image/jpeg", Body=...)`, or the container routes `POST info.url/invocations` and `GET /ping`. The
-server listens on loopback unless `host` says otherwise; it does not check SigV4 signatures.
+Clients: `boto3.client("sagemaker-runtime", endpoint_url=URL, ...).invoke_endpoint(EndpointName=NAME,
+ContentType="image/jpeg", Body=...)`, or the container routes `POST URL/invocations` and `GET URL/ping`. The server
+listens on loopback unless `host` says otherwise; it does not check SigV4 signatures.
 """
 
 from __future__ import annotations
@@ -21,11 +26,10 @@ import logging
 import os
 import shutil
 import subprocess
-import tarfile
 import time
 import urllib.error
 import urllib.request
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from tagflow import s3
@@ -36,22 +40,23 @@ log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[3]
 SERVER = REPO / "algo" / "ic_serve.py"
+TOKEN_ENV = "TAGFLOW_ENDPOINT_TOKEN"  # the server's admin token, read by the server from its environment
 START_TIMEOUT_S = 120
-SWAP_TIMEOUT_S = 300
-MODEL_MEMBERS = ("image-classification-symbol.json", "model-shapes.json")
+# The server downloads (up to 20 min), extracts, loads and warms the model before answering a load.
+LOAD_TIMEOUT_S = 1800
+PRESIGN_EXPIRES_S = 3600
 
 
 @dataclass(frozen=True)
 class EndpointInfo:
-    """What a client needs to reach a running endpoint, and what it serves."""
+    """An endpoint server started on this machine: where it is, and what it served when asked."""
 
     pid: int
     name: str
     url: str
     host: str
     port: int
-    model_source: str
-    model_dir: str
+    model_source: str | None  # None while it has no model
     state_dir: str
 
     @property
@@ -63,52 +68,8 @@ def default_state_dir(name: str) -> Path:
     return Path(os.environ.get("TAGFLOW_HOME", ".tagflow")).resolve() / "endpoints" / name
 
 
-def _next_model_dir(state_dir: Path) -> Path:
-    models = state_dir / "models"
-    models.mkdir(parents=True, exist_ok=True)
-    numbers = [int(p.name) for p in models.iterdir() if p.name.isdigit()]
-    return models / str(max(numbers, default=0) + 1)
-
-
-def fetch_model(model_tar: Path | str, dest: Path, client: s3.S3Client | None = None) -> Path:
-    """Extract `model_tar` (a path or an s3:// URI to a model.tar.gz) into `dest`; InputError if it is no model."""
-    source = str(model_tar)
-    dest.mkdir(parents=True, exist_ok=False)
-    try:
-        if source.startswith("s3://"):
-            archive = dest / "model.tar.gz"
-            s3.get_file(client or s3.make_client(), s3.S3Uri.parse(source), archive)
-        else:
-            archive = Path(source)
-            if not archive.is_file():
-                raise InputError(f"model archive {archive} does not exist; expected a model.tar.gz")
-        try:
-            with tarfile.open(archive) as tar:
-                tar.extractall(dest, filter="data")  # refuses absolute paths, links out and devices
-        except tarfile.TarError as err:
-            raise InputError(f"{source}: not a readable model.tar.gz ({err})") from None
-        if source.startswith("s3://"):
-            archive.unlink()
-        missing = [m for m in MODEL_MEMBERS if not (dest / m).is_file()]
-        if missing or not any(dest.glob("image-classification-*.params")):
-            raise InputError(
-                f"{source}: not an image-classification model; it lacks "
-                f"{', '.join(missing) or 'image-classification-NNNN.params'}"
-            )
-    except BaseException:
-        shutil.rmtree(dest, ignore_errors=True)
-        raise
-    return dest
-
-
-def status(state_dir: Path) -> EndpointInfo | None:
-    """The endpoint running for `state_dir`, or None if none runs (stale files are ignored)."""
-    info_file, pid_file = state_dir / "endpoint.json", state_dir / "endpoint.pid"
-    if not (info_file.exists() and pid_file.exists()):
-        return None
-    if not process.pid_alive(process.read_pid(pid_file)):
-        return None
-    return EndpointInfo(**json.loads(info_file.read_text()))
+def _url(endpoint: str | EndpointInfo) -> str:
+    return (endpoint.url if isinstance(endpoint, EndpointInfo) else endpoint).rstrip("/")
 
 
 def _get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
@@ -119,33 +80,147 @@ def _get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
         return err.code, err.read()
 
 
-def _wait_ready(info: EndpointInfo, proc: subprocess.Popen, log_file: Path) -> None:
+def _message(body: bytes) -> str:
+    """The server's JSON `message`, else the body as text."""
+    try:
+        return str(json.loads(body)["message"])
+    except (ValueError, KeyError, TypeError):
+        return body.decode(errors="replace").strip() or "(empty body)"
+
+
+def health(url: str | EndpointInfo, timeout: float = 5.0) -> dict:
+    """`GET /health`: `{"name", "loaded", "source"}`; TagflowError when the endpoint does not answer."""
+    url = _url(url)
+    try:
+        code, body = _get(f"{url}/health", timeout)
+    except OSError as err:
+        raise TagflowError(f"endpoint at {url} does not answer /health: {getattr(err, 'reason', err)}") from None
+    if code != 200:
+        raise TagflowError(f"endpoint at {url}: /health answered HTTP {code}: {_message(body)}")
+    return json.loads(body)
+
+
+def metadata(url: str | EndpointInfo) -> dict | None:
+    """What the endpoint reports about its model (`GET /metadata`: name, source, shapes, metrics.json), or None
+    while it has no model."""
+    url = _url(url)
+    try:
+        code, body = _get(f"{url}/metadata", timeout=10)
+    except OSError as err:
+        raise TagflowError(f"endpoint at {url} does not answer /metadata: {getattr(err, 'reason', err)}") from None
+    if code == 503:
+        return None
+    if code != 200:
+        raise TagflowError(f"endpoint at {url}: /metadata answered HTTP {code}: {_message(body)}")
+    return json.loads(body)
+
+
+def _model_url(model_uri: str, client: s3.S3Client | None) -> str:
+    """A URL the server can fetch `model_uri` from: an S3 presigned GET (SigV4), an http(s) URL as it is, or a
+    file:// URL for a path on this machine (which the server accepts from loopback clients only)."""
+    if model_uri.startswith("s3://"):
+        uri = s3.S3Uri.parse(model_uri)
+        url = (client or s3.make_client()).generate_presigned_url(
+            "get_object", Params={"Bucket": uri.bucket, "Key": uri.key}, ExpiresIn=PRESIGN_EXPIRES_S
+        )
+        if "X-Amz-Signature=" not in url:  # botocore presigns with SigV2 unless the client says s3v4
+            raise TagflowError(
+                "the S3 client presigns URLs with SigV2, which the S3 server refuses; make it with "
+                "botocore Config(signature_version='s3v4') (tagflow.s3.make_client and aws_default do)"
+            )
+        return url
+    if model_uri.startswith(("http://", "https://")):
+        return model_uri
+    path = Path(model_uri).resolve()
+    if not path.is_file():
+        raise InputError(f"model archive {model_uri} does not exist; expected a model.tar.gz")
+    return path.as_uri()
+
+
+def load(
+    url: str,
+    model_uri: str | Path,
+    *,
+    name: str | None = None,
+    client: s3.S3Client | None = None,
+    token: str | None = None,
+) -> dict:
+    """Have the endpoint at `url` serve `model_uri` (an `s3://` URI, presigned with `client`; a local path, for a
+    server on this machine; or an http(s) URL), renamed `name` when given. The server loads and warms the new model
+    before switching, so no request is dropped; on any failure the old model keeps serving. `token` is the server's
+    admin token (TAGFLOW_ENDPOINT_TOKEN), sent as a bearer token. Returns the server's /metadata for the new model.
+
+    InputError when the archive is no model or the request is wrong; TagflowError for anything else (refused,
+    unreachable, download failed), naming the endpoint, the model and the server's reason."""
+    url = url.rstrip("/")
+    model_uri = str(model_uri)
+    request = {"model_url": _model_url(model_uri, client), "source": model_uri}
+    if name is not None:
+        request["name"] = name
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    post = urllib.request.Request(
+        f"{url}/admin/load", data=json.dumps(request).encode(), method="POST", headers=headers
+    )
+    try:
+        with urllib.request.urlopen(post, timeout=LOAD_TIMEOUT_S) as resp:
+            answer = json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        error = InputError if err.code in (400, 413, 422) else TagflowError
+        raise error(f"endpoint at {url} refused {model_uri} (HTTP {err.code}): {_message(err.read())}") from None
+    except OSError as err:
+        raise TagflowError(
+            f"endpoint at {url} did not answer the load of {model_uri}: {getattr(err, 'reason', err)}"
+        ) from None
+    log.info("endpoint %s at %s now serves %s", answer["name"], url, model_uri)
+    return answer
+
+
+def status(state_dir: Path) -> EndpointInfo | None:
+    """The endpoint started for `state_dir`, or None if none runs (stale files are ignored). Its name and model are
+    the server's answer to /health; TagflowError if the process runs but does not answer."""
+    info_file, pid_file = state_dir / "endpoint.json", state_dir / "endpoint.pid"
+    if not (info_file.exists() and pid_file.exists()):
+        return None
+    pid = process.read_pid(pid_file)
+    if not process.pid_alive(pid):
+        return None
+    where = json.loads(info_file.read_text())
+    now = health(where["url"])
+    return EndpointInfo(
+        pid=pid,
+        name=now["name"],
+        url=where["url"],
+        host=where["host"],
+        port=where["port"],
+        model_source=now["source"],
+        state_dir=str(state_dir.resolve()),
+    )
+
+
+def _wait_listening(url: str, name: str, proc: subprocess.Popen, log_file: Path, log_start: int) -> None:
     deadline = time.monotonic() + START_TIMEOUT_S
     last: object = None
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            tail = log_file.read_text(errors="replace")[-2000:]
-            raise TagflowError(f"endpoint {info.name} exited with status {proc.returncode}; end of {log_file}:\n{tail}")
+            with log_file.open("rb") as fh:
+                fh.seek(log_start)
+                tail = fh.read().decode(errors="replace")[-2000:]
+            raise TagflowError(f"endpoint {name} exited with status {proc.returncode}; end of {log_file}:\n{tail}")
         try:
-            code, _ = _get(f"{info.url}/ping")
+            code, _ = _get(f"{url}/health")
             if code == 200:
                 return
             last = f"HTTP {code}"
         except OSError as err:  # not listening yet
             last = err
         time.sleep(0.2)
-    raise TagflowError(f"endpoint {info.name} did not answer /ping within {START_TIMEOUT_S}s ({last}); see {log_file}")
-
-
-def _write_info(info: EndpointInfo) -> None:
-    state_dir = Path(info.state_dir)
-    tmp = state_dir / ".endpoint.json.part"
-    tmp.write_text(json.dumps(asdict(info), indent=2))
-    os.replace(tmp, state_dir / "endpoint.json")
+    raise TagflowError(f"endpoint {name} did not answer /health within {START_TIMEOUT_S}s ({last}); see {log_file}")
 
 
 def start(
-    model_tar: Path | str,
+    model_tar: Path | str | None = None,
     *,
     name: str,
     port: int | None = None,
@@ -154,8 +229,11 @@ def start(
     workers: int = 1,
     mxnet_python: Path | None = None,
     client: s3.S3Client | None = None,
+    token: str | None = None,
 ) -> EndpointInfo:
-    """Serve `model_tar` as endpoint `name` (port None: a free one); returns the one already running there, if any.
+    """Run endpoint `name` on this machine (port None: a free one) and, given `model_tar`, load it (see `load`);
+    returns the endpoint already running for `state_dir`, if any, unchanged. `token` becomes the server's admin
+    token: with one, every model load must send it, from any address; without, only loopback clients may load.
 
     `workers` executors run forwards in parallel, each with cores / workers OpenMP threads (unless OMP_NUM_THREADS
     is set): on a small CPU, 1 gives the lowest single-request latency, the core count the most requests/s.
@@ -170,68 +248,58 @@ def start(
         return running
     state_dir.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(state_dir / "models", ignore_errors=True)
-    model_dir = fetch_model(model_tar, _next_model_dir(state_dir), client)
     port = port or process.free_ports(1, host)[0]
     python = mxnet_python or default_python()
     args = [
-        str(python), str(SERVER), "--model-dir", str(model_dir), "--source", str(model_tar),
-        "--name", name, "--host", host, "--port", str(port), "--workers", str(workers),
+        str(python), str(SERVER), "--name", name, "--host", host, "--port", str(port), "--workers", str(workers),
+        "--work-dir", str(state_dir / "models"),
     ]  # fmt: skip
-    env = dict(os.environ)
+    env = {k: v for k, v in os.environ.items() if k != TOKEN_ENV}
+    if token:
+        env[TOKEN_ENV] = token
     if workers > 1:
         env.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // workers)))
     log_file = state_dir / "endpoint.log"
     with log_file.open("ab") as log_fh:
+        log_start = log_fh.tell()  # the log grows across starts: errors quote this start's part only
         proc = subprocess.Popen(
             args, stdout=log_fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True
         )
     url_host = f"[{host}]" if ":" in host else host
-    info = EndpointInfo(
-        pid=proc.pid,
-        name=name,
-        url=f"http://{url_host}:{port}",
-        host=host,
-        port=port,
-        model_source=str(model_tar),
-        model_dir=str(model_dir),
-        state_dir=str(state_dir),
-    )
+    url = f"http://{url_host}:{port}"
     (state_dir / "endpoint.pid").write_text(f"{proc.pid}\n")
-    _write_info(info)
+    tmp = state_dir / ".endpoint.json.part"
+    tmp.write_text(json.dumps({"url": url, "host": host, "port": port}, indent=2))
+    os.replace(tmp, state_dir / "endpoint.json")
     try:
-        _wait_ready(info, proc, log_file)
+        _wait_listening(url, name, proc, log_file, log_start)
+        if model_tar is not None:
+            load(url, model_tar, client=client, token=token)
     except BaseException:
         stop(state_dir)
         raise
-    log.info("endpoint %s serves %s at %s (pid %d)", name, model_tar, info.url, proc.pid)
+    info = EndpointInfo(
+        pid=proc.pid,
+        name=name,
+        url=url,
+        host=host,
+        port=port,
+        model_source=None if model_tar is None else str(model_tar),
+        state_dir=str(state_dir),
+    )
+    log.info("endpoint %s at %s (pid %d) serves %s", name, url, proc.pid, info.model_source or "no model yet")
     return info
 
 
-def swap(state_dir: Path, model_tar: Path | str, client: s3.S3Client | None = None) -> EndpointInfo:
-    """Serve `model_tar` instead, without dropping requests: the server loads it fully, then switches."""
-    state_dir = state_dir.resolve()
+def swap(
+    state_dir: Path, model_tar: Path | str, client: s3.S3Client | None = None, token: str | None = None
+) -> EndpointInfo:
+    """Serve `model_tar` on the endpoint started for `state_dir` instead, without dropping requests (see `load`)."""
     info = status(state_dir)
     if info is None:
         raise TagflowError(f"no endpoint runs for {state_dir}; start one first")
-    model_dir = fetch_model(model_tar, _next_model_dir(state_dir), client)
-    body = json.dumps({"model_dir": str(model_dir), "source": str(model_tar)}).encode()
-    request = urllib.request.Request(
-        f"{info.url}/admin/load", data=body, method="POST", headers={"Content-Type": "application/json"}
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=SWAP_TIMEOUT_S) as resp:
-            resp.read()
-    except urllib.error.HTTPError as err:
-        shutil.rmtree(model_dir, ignore_errors=True)
-        message = err.read().decode(errors="replace")
-        raise TagflowError(f"endpoint {info.name} refused {model_tar} (HTTP {err.code}): {message}") from None
-    new = replace(info, model_source=str(model_tar), model_dir=str(model_dir))
-    _write_info(new)
-    for old in (state_dir / "models").iterdir():
-        if old != model_dir:
-            shutil.rmtree(old, ignore_errors=True)  # the server holds the old model in memory, not on disk
-    log.info("endpoint %s now serves %s", info.name, model_tar)
-    return new
+    answer = load(info.url, model_tar, client=client, token=token)
+    return replace(info, name=answer["name"], model_source=answer["source"])
 
 
 def stop(state_dir: Path, timeout: float = 20) -> bool:
@@ -254,27 +322,19 @@ def content_type_of(data: bytes) -> str:
     return next((ct for magic, ct in CONTENT_TYPES.items() if data.startswith(magic)), "application/x-image")
 
 
-def runtime_client(info: EndpointInfo):
-    """A boto3 sagemaker-runtime client for the local endpoint: `invoke_endpoint` works as on SageMaker."""
+def runtime_client(url: str | EndpointInfo):
+    """A boto3 sagemaker-runtime client for the endpoint at `url`: `invoke_endpoint` works as on SageMaker."""
     import boto3
     from botocore.config import Config
 
     return boto3.client(
         "sagemaker-runtime",
-        endpoint_url=info.url,
+        endpoint_url=_url(url),
         region_name=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
         aws_access_key_id="local",  # the local endpoint, like a container, does not check signatures
         aws_secret_access_key="local",
         config=Config(retries={"max_attempts": 2, "mode": "standard"}),
     )
-
-
-def metadata(info: EndpointInfo) -> dict:
-    """What the endpoint reports about its model (`GET /metadata`: source, shapes, metrics.json)."""
-    code, body = _get(f"{info.url}/metadata", timeout=10)
-    if code != 200:
-        raise TagflowError(f"endpoint {info.name} at {info.url}: /metadata answered HTTP {code}")
-    return json.loads(body)
 
 
 def invoke(info: EndpointInfo, data: bytes, content_type: str | None = None) -> list[float]:
