@@ -6,13 +6,21 @@ UV := $(VENV)/bin/uv
 UV_VERSION := 0.13.8
 export UV_LINK_MODE := copy
 
-.PHONY: demo test venvs lint lock s3-start s3-stop clean-state bench
+.PHONY: demo test up down venvs lint lock s3-start s3-stop clean-state bench
 
 demo: venvs
 	$(VENV)/bin/tagflow demo
 
 test: venvs
 	$(VENV)/bin/python -m pytest
+
+# Airflow's UI (standalone), the local S3 server and the local endpoint; `make up PORT=8090` picks the UI's port.
+up: venvs
+	$(VENV)/bin/python -m tagflow.local.stack up $(if $(PORT),--port $(PORT))
+
+# Stops them by PID; needs the venv, not a rebuilt one.
+down: | $(VENV)/.installed
+	$(VENV)/bin/python -m tagflow.local.stack down
 
 venvs: $(VENV)/.installed $(MXVENV)/.installed
 
