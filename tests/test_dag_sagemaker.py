@@ -1,0 +1,736 @@
+"""The SageMaker backend end to end: the whole DAG against moto's SageMaker and the session's real S3 server.
+
+There is no AWS here, so moto stands in for SageMaker, SageMaker Runtime and CloudWatch Logs. It runs in this
+process (`ThreadedMotoServer`), so a test can reach its backend objects: to play the algorithm's part (report the
+final metrics a real job would), to make a job fail, or to read what the DAG asked for. The DAG itself runs in a
+subprocess (`dag.test` through `tagflow.local.airflow.run_once`); the tests of one operator's retries and failures
+call `execute` in this process, as Airflow would on a worker.
+
+moto accepts requests that AWS would refuse (it does not validate against the service model), so every request
+moto receives is checked here against botocore's SageMaker service model: structure, required members, types,
+enums, lengths, ranges and patterns. Where moto 5.2.5 behaves unlike SageMaker in ways the DAG depends on, the
+`moto` fixture gives it SageMaker's behaviour and says so (see `Moto.install`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import re
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+from types import SimpleNamespace
+from typing import Any
+
+import botocore.session
+import pytest
+import regex
+
+from tagflow import demo, deploy, jobs, runconfig, s3
+from tagflow.local import airflow as local_airflow
+from tagflow.local.endpoint import content_type_of
+
+ACCOUNT, REGION = "123456789012", "us-east-1"
+ROLE = f"arn:aws:iam::{ACCOUNT}:role/tagflow-sagemaker"
+IMAGE = "811284229777.dkr.ecr.us-east-1.amazonaws.com/image-classification:1"
+METRIC = "validation:accuracy"
+
+# --- strict validation against botocore's service models ------------------------------------------------------
+
+_SERVICES: dict[str, Any] = {}
+
+
+def service_model(service: str):
+    if service not in _SERVICES:
+        _SERVICES[service] = botocore.session.get_session().get_service_model(service)
+    return _SERVICES[service]
+
+
+def _java_pattern(pattern: str) -> regex.Pattern:
+    # The models' patterns are Java regexes; `regex` knows \p{...} classes, only \z needs spelling as \Z.
+    return regex.compile(pattern.replace(r"\z", r"\Z"))
+
+
+def _bounds(value_len: float, shape, where: str, what: str) -> list[str]:
+    low, high = shape.metadata.get("min"), shape.metadata.get("max")
+    if low is not None and value_len < low:
+        return [f"{where}: {what} {value_len} is below the minimum {low}"]
+    if high is not None and value_len > high:
+        return [f"{where}: {what} {value_len} is above the maximum {high}"]
+    return []
+
+
+def shape_errors(value: Any, shape, where: str = "") -> list[str]:
+    """What the service would refuse in `value` for `shape`: botocore's own client checks (types, required members,
+    minimums) plus those only the service applies (maximums, enums, patterns, unknown members)."""
+    kind, at = shape.type_name, where or shape.name
+    if kind == "structure":
+        if not isinstance(value, dict):
+            return [f"{at}: expected a structure, got {type(value).__name__}"]
+        prefix = f"{where}." if where else ""
+        errors = [f"{prefix}{name}: required member missing" for name in shape.required_members if name not in value]
+        for name, item in value.items():
+            if name not in shape.members:
+                errors.append(f"{prefix}{name}: not a member of {shape.name}")
+            else:
+                errors += shape_errors(item, shape.members[name], prefix + name)
+        return errors
+    if kind == "list":
+        if not isinstance(value, list):
+            return [f"{at}: expected a list, got {type(value).__name__}"]
+        errors = _bounds(len(value), shape, at, "length")
+        for i, item in enumerate(value):
+            errors += shape_errors(item, shape.member, f"{at}[{i}]")
+        return errors
+    if kind == "map":
+        if not isinstance(value, dict):
+            return [f"{at}: expected a map, got {type(value).__name__}"]
+        errors = _bounds(len(value), shape, at, "size")
+        for key, item in value.items():
+            errors += shape_errors(key, shape.key, f"{at} key {key!r}")
+            errors += shape_errors(item, shape.value, f"{at}[{key!r}]")
+        return errors
+    if kind == "string":
+        if not isinstance(value, str):
+            return [f"{at}: expected a string, got {type(value).__name__} {value!r}"]
+        errors = _bounds(len(value), shape, at, "length")
+        if shape.enum and value not in shape.enum:
+            errors.append(f"{at}: {value!r} is not one of {shape.enum}")
+        pattern = shape.metadata.get("pattern")
+        if pattern and not _java_pattern(pattern).fullmatch(value):
+            errors.append(f"{at}: {value!r} does not match {pattern}")
+        return errors
+    if kind in ("integer", "long"):
+        if not isinstance(value, int) or isinstance(value, bool):
+            return [f"{at}: expected an integer, got {type(value).__name__} {value!r}"]
+        return _bounds(value, shape, at, "value")
+    if kind in ("float", "double"):
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            return [f"{at}: expected a number, got {type(value).__name__} {value!r}"]
+        return _bounds(value, shape, at, "value")
+    if kind == "boolean":
+        return [] if isinstance(value, bool) else [f"{at}: expected a boolean, got {value!r}"]
+    if kind == "timestamp":
+        return [] if isinstance(value, (datetime, int, float, str)) else [f"{at}: expected a time, got {value!r}"]
+    if kind == "blob":
+        if not isinstance(value, (bytes, bytearray, str)):
+            return [f"{at}: expected bytes, got {type(value).__name__}"]
+        return _bounds(len(value), shape, at, "size")
+    return [f"{at}: shape type {kind} is not checked here"]
+
+
+def request_errors(service: str, operation: str, params: dict[str, Any]) -> list[str]:
+    return shape_errors(params, service_model(service).operation_model(operation).input_shape)
+
+
+def test_the_validator_catches_what_botocore_lets_through():
+    good = {"EndpointName": "tagflow-x", "EndpointConfigName": "tagflow-x-config"}
+    assert request_errors("sagemaker", "CreateEndpoint", good) == []
+    bad = {"EndpointName": "x" * 64, "EndpointConfigName": "bad_name", "Extra": 1}
+    assert request_errors("sagemaker", "CreateEndpoint", bad) == [
+        "EndpointName: length 64 is above the maximum 63",
+        f"EndpointName: {'x' * 64!r} does not match [a-zA-Z0-9](-*[a-zA-Z0-9]){{0,62}}",
+        "EndpointConfigName: 'bad_name' does not match [a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}",
+        "Extra: not a member of CreateEndpointInput",
+    ]
+    resource = {"InstanceType": "ml.bogus.large", "InstanceCount": 1, "VolumeSizeInGB": 5}
+    shape = service_model("sagemaker").operation_model("CreateTrainingJob").input_shape.members["ResourceConfig"]
+    assert shape_errors(resource, shape, "ResourceConfig")[0].startswith(
+        "ResourceConfig.InstanceType: 'ml.bogus.large' is not one of"
+    )
+
+
+# --- moto, in this process --------------------------------------------------------------------------------------
+
+
+class Moto:
+    """moto's SageMaker, SageMaker Runtime and CloudWatch Logs served from this process, plus what it received."""
+
+    def __init__(self) -> None:
+        self.url = ""
+        self.requests: list[tuple[str, dict[str, Any]]] = []  # (SageMaker operation, its JSON input)
+        self.invocations: list[dict[str, Any]] = []  # InvokeEndpoint calls: name, headers, raw body
+        self.on_training_job: Callable[[Any], None] | None = None  # plays the algorithm's part
+        self.on_tuning_job: Callable[[Any], None] | None = None
+
+    @property
+    def backend(self):
+        from moto.sagemaker.models import sagemaker_backends
+
+        return sagemaker_backends[ACCOUNT][REGION]
+
+    def sent(self, operation: str, since: int) -> list[dict[str, Any]]:
+        """The inputs of the `operation` requests received since request number `since`."""
+        return [params for op, params in self.requests[since:] if op == operation]
+
+    def client(self, service: str = "sagemaker"):
+        import boto3
+
+        return boto3.client(
+            service, endpoint_url=self.url, region_name=REGION, aws_access_key_id="moto", aws_secret_access_key="moto"
+        )
+
+    def queue_answer(self, body: str) -> None:
+        """What the next new InvokeEndpoint request gets back (moto's static-results API)."""
+        import requests
+
+        answer = {"Body": body, "ContentType": "application/json", "InvokedProductionVariant": "AllTraffic"}
+        done = requests.post(
+            f"{self.url}/moto-api/static/sagemaker/endpoint-results",
+            json={"account_id": ACCOUNT, "region": REGION, "results": [answer]},
+            timeout=10,
+        )
+        done.raise_for_status()
+
+    def install(self, mp: pytest.MonkeyPatch) -> None:
+        """Record every request, and give moto the SageMaker behaviour the DAG relies on that moto 5.2.5 lacks:
+
+        - CreateTrainingJob, CreateModel, CreateEndpointConfig and CreateEndpoint refuse an existing name
+          (moto silently replaces it), so a name reused across runs or tries fails here as it would on AWS;
+        - UpdateEndpoint switches an endpoint to another config (moto answers 500, not implemented);
+        - InvokeEndpoint takes a binary body (moto decodes every body as UTF-8 and answers 500 for a JPEG).
+        """
+        from moto.core.responses import BaseResponse
+        from moto.sagemaker.exceptions import ResourceInUseException, ValidationError
+        from moto.sagemaker.models import FakeEndpoint, SageMakerModelBackend, arn_formatter
+        from moto.sagemaker.responses import SageMakerResponse
+        from moto.sagemakerruntime.responses import SageMakerRuntimeResponse
+
+        moto = self
+
+        def record(self):
+            moto.requests.append((self._get_action(), json.loads(self.body or "{}")))
+            return BaseResponse.call_action(self)
+
+        mp.setattr(SageMakerResponse, "call_action", record)
+
+        def refuse_existing(method: str, table: str, name_arg: str, error: Callable[[str, Any], Exception]):
+            original = getattr(SageMakerModelBackend, method)
+
+            def create(self, *args, **kwargs):
+                name = kwargs[name_arg]
+                if name in getattr(self, table):
+                    raise error(name, self)
+                created = original(self, *args, **kwargs)
+                finish = {"training_jobs": moto.on_training_job, "hyper_parameter_tuning_jobs": moto.on_tuning_job}
+                if finish.get(table):
+                    finish[table](getattr(self, table)[name])
+                return created
+
+            mp.setattr(SageMakerModelBackend, method, create)
+
+        def exists(kind: str, what: str, message: str = 'Cannot create already existing {what} "{arn}".'):
+            def error(name: str, backend) -> Exception:
+                arn = arn_formatter(kind, name, backend.account_id, backend.region_name)
+                cls = ValidationError if message.startswith("Cannot") else ResourceInUseException
+                return cls(message=message.format(what=what, arn=arn))
+
+            return error
+
+        in_use = "Training job names must be unique within an AWS account and region, and a {what} with this name "
+        refuse_existing(
+            "create_training_job",
+            "training_jobs",
+            "training_job_name",
+            exists("training-job", "training job", in_use + "already exists ({arn})"),
+        )
+        refuse_existing(
+            "create_hyper_parameter_tuning_job",
+            "hyper_parameter_tuning_jobs",
+            "hyper_parameter_tuning_job_name",
+            exists("hyper-parameter-tuning-job", "tuning job", "Resource Already Exists: {arn}"),
+        )
+        refuse_existing("create_model", "_models", "model_name", exists("model", "model"))
+        refuse_existing(
+            "create_endpoint_config",
+            "endpoint_configs",
+            "endpoint_config_name",
+            exists("endpoint-config", "endpoint configuration"),
+        )
+        refuse_existing("create_endpoint", "endpoints", "endpoint_name", exists("endpoint", "endpoint"))
+
+        def update_endpoint(self):
+            from moto.core.responses import ActionResult
+
+            name, config_name = self._get_param("EndpointName"), self._get_param("EndpointConfigName")
+            backend = self.sagemaker_backend
+            if name not in backend.endpoints:
+                arn = FakeEndpoint.arn_formatter(name, backend.account_id, backend.region_name)
+                raise ValidationError(message=f"Could not find endpoint '{arn}'.")
+            config = backend.describe_endpoint_config(config_name)
+            endpoint = backend.endpoints[name]
+            endpoint.endpoint_config_name = config_name
+            endpoint.production_variants = endpoint._process_production_variants(config["ProductionVariants"])
+            endpoint.last_modified_time = datetime.now(UTC)
+            return ActionResult({"EndpointArn": endpoint.arn})
+
+        mp.setattr(SageMakerResponse, "update_endpoint", update_endpoint, raising=False)
+
+        original_invoke = SageMakerRuntimeResponse.invoke_endpoint
+
+        def invoke_endpoint(self):
+            moto.invocations.append(
+                {"EndpointName": self.path.split("/")[2], "headers": dict(self.headers), "Body": self.raw_body}
+            )
+            self.body = base64.b64encode(self.raw_body).decode()  # moto keys its cached answers on the body
+            return original_invoke(self)
+
+        mp.setattr(SageMakerRuntimeResponse, "use_raw_body", True)
+        mp.setattr(SageMakerRuntimeResponse, "invoke_endpoint", invoke_endpoint)
+
+
+@pytest.fixture(scope="module")
+def moto():
+    from moto.server import ThreadedMotoServer
+
+    state = Moto()
+    with pytest.MonkeyPatch.context() as mp:
+        state.install(mp)
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        server.start()
+        host, port = server.get_host_and_port()
+        state.url = f"http://{host}:{port}"
+        try:
+            yield state
+        finally:
+            server.stop()
+
+
+def reports_metrics(**values: float) -> Callable[[Any], None]:
+    """Play the built-in algorithm's part in a moto training job: it ends with these final metrics."""
+
+    def finish(job) -> None:
+        job.final_metric_data_list = [
+            {"MetricName": name.replace("_", ":", 1), "Value": value, "Timestamp": job.creation_time}
+            for name, value in values.items()
+        ]
+
+    return finish
+
+
+def finishes_tuning(best_value: float) -> Callable[[Any], None]:
+    """Play SageMaker's part in a moto tuning job: moto's BestTrainingJob is a constant ("FakeTrainingJobName",
+    metric "Accuracy"); a real one names one of the job's trials and reports the job's objective metric."""
+
+    def finish(job) -> None:
+        name = job.hyper_parameter_tuning_job_name
+        config = job.hyper_parameter_tuning_job_config
+        tuned = {r["Name"]: r["Values"][0] for r in config["ParameterRanges"].get("CategoricalParameterRanges", [])}
+        tuned |= {r["Name"]: r["MinValue"] for r in config["ParameterRanges"].get("ContinuousParameterRanges", [])}
+        objective = config["HyperParameterTuningJobObjective"]
+        job.best_training_job = job.OverallBestTrainingJob = {
+            "TrainingJobName": f"{name}-003-1a2b3c4d",
+            "TrainingJobArn": arn(f"training-job/{name}-003-1a2b3c4d"),
+            "TuningJobName": name,
+            "CreationTime": job.creation_time,
+            "TrainingJobStatus": "Completed",
+            "TunedHyperParameters": tuned,
+            "FinalHyperParameterTuningJobObjectiveMetric": {
+                "Type": objective["Type"],
+                "MetricName": objective["MetricName"],
+                "Value": best_value,
+            },
+            "ObjectiveStatus": "Succeeded",
+        }
+
+    return finish
+
+
+def arn(resource: str) -> str:
+    return f"arn:aws:sagemaker:{REGION}:{ACCOUNT}:{resource}"
+
+
+# --- whole DAG runs ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def airflow_env(s3_server, moto, tmp_path_factory):
+    home = tmp_path_factory.mktemp("tagflow-home")
+    env = local_airflow.environment(
+        s3_server,
+        home=home / "airflow",
+        services={"sagemaker": moto.url, "sagemaker-runtime": moto.url, "logs": moto.url},
+        variables={"tagflow_sagemaker_role_arn": ROLE},
+        extra={"TAGFLOW_HOME": str(home)},
+    )
+    local_airflow.migrate(env)
+    return env
+
+
+def _publish(s3_client, bucket: str, seed: int) -> dict[str, Any]:
+    data = demo.publish(60, s3.S3Uri(bucket, "raw"), seed=seed, client=s3_client, workers=1)
+    return {
+        "preset": "custom",
+        "list_uri": data.list_uri,
+        "images_uri": data.images_uri,
+        "labels_uri": data.labels_uri,
+        "num_labels": data.num_labels,
+        "resize": 32,
+        "bucket": bucket,
+        "dataset_prefix": "designs",
+        "shard_size": 20,
+        "backend": "sagemaker",
+        "hyperparameters": {"num_layers": 18, "epochs": 2, "mini_batch_size": 16, "learning_rate": 0.01},
+        "instance_type": "ml.p3.2xlarge",
+        "metric_gate": 0.5,
+    }
+
+
+def _run(env, conf, log_file):
+    result = local_airflow.run_once(env, conf, log_file=log_file)
+    assert result["state"] == "success", log_file.read_text()[-6000:]
+    return result
+
+
+def _all_valid(requests: list[tuple[str, dict[str, Any]]]) -> None:
+    errors = [f"{op}: {e}" for op, params in requests for e in request_errors("sagemaker", op, params)]
+    assert errors == []
+
+
+def _answer(num_labels: int) -> str:
+    return json.dumps([round(0.05 + 0.9 * (i % 7) / 6, 3) for i in range(num_labels)])
+
+
+@pytest.fixture(scope="module")
+def first_deploy(airflow_env, moto, s3_client, tmp_path_factory):
+    """One whole train run on a fresh endpoint; its job reports validation:accuracy 0.62."""
+    bucket = f"t-{uuid.uuid4().hex[:16]}"
+    s3_client.create_bucket(Bucket=bucket)
+    conf = {**_publish(s3_client, bucket, seed=21), "mode": "train", "endpoint_name": "tagflow-sm-train"}
+    moto.on_training_job = reports_metrics(validation_accuracy=0.62, train_accuracy=0.7)
+    moto.queue_answer(_answer(conf["num_labels"]))
+    requests, invocations = len(moto.requests), len(moto.invocations)
+    result = _run(airflow_env, conf, tmp_path_factory.mktemp("logs") / "first.log")
+    return SimpleNamespace(
+        conf=conf, result=result, requests=moto.requests[requests:], invocations=moto.invocations[invocations:]
+    )
+
+
+@pytest.mark.slow
+def test_train_run_uses_the_provider_operators_and_deploys_on_sagemaker(first_deploy, moto, s3_client):
+    conf, result = first_deploy.conf, first_deploy.result
+    tasks = result["tasks"]
+    ran = [
+        "sagemaker_training_request",
+        "sagemaker_train",
+        "evaluate_gate",
+        "sagemaker_endpoint_config",
+        "sagemaker_model",
+        "sagemaker_deploy",
+        "smoke_test",
+    ]
+    assert {t: tasks[t] for t in ran} == dict.fromkeys(ran, "success")
+    skipped = ["local_train", "local_tune", "sagemaker_tuning_request", "sagemaker_tune", "deploy_local"]
+    assert {t: tasks[t] for t in skipped} == dict.fromkeys(skipped, "skipped")
+
+    # The request the DAG built is what SageMaker received, and the service would accept it.
+    request = result["results"]["sagemaker_training_request"]
+    assert request_errors("sagemaker", "CreateTrainingJob", request) == []
+    assert [params for op, params in first_deploy.requests if op == "CreateTrainingJob"] == [request]
+    assert request["TrainingJobName"] == jobs.job_names(result["run_id"], 1)["training"]
+    assert request["HyperParameters"]["num_classes"] == "50"
+    assert request["AlgorithmSpecification"]["TrainingImage"].endswith("/image-classification:1")
+    assert request["RoleArn"] == ROLE
+    _all_valid(first_deploy.requests)
+    sent = {op for op, _ in first_deploy.requests}
+    assert sent >= {"CreateTrainingJob", "CreateModel", "CreateEndpointConfig", "CreateEndpoint", "DescribeEndpoint"}
+
+    # The gate judged the job's own metric; nothing was serving yet.
+    gate = result["results"]["evaluate_gate"]
+    output = f"s3://{conf['bucket']}/designs/output/{request['TrainingJobName']}/output/model.tar.gz"
+    assert gate["candidate"] == {
+        "job": request["TrainingJobName"],
+        "model_data_url": output,
+        "metric": METRIC,
+        "value": 0.62,
+    }
+    assert (gate["deploy"], gate["serving_value"], gate["route"]) == (True, None, "sagemaker")
+
+    # The endpoint serves the new model through a config tagged with its objective.
+    sagemaker = moto.client()
+    endpoint = sagemaker.describe_endpoint(EndpointName="tagflow-sm-train")
+    assert endpoint["EndpointStatus"] == "InService"
+    config = sagemaker.describe_endpoint_config(EndpointConfigName=endpoint["EndpointConfigName"])
+    model = sagemaker.describe_model(ModelName=config["ProductionVariants"][0]["ModelName"])
+    assert model["PrimaryContainer"]["ModelDataUrl"] == output
+    assert model["PrimaryContainer"]["Image"] == request["AlgorithmSpecification"]["TrainingImage"]
+    tags = sagemaker.list_tags(ResourceArn=config["EndpointConfigArn"])["Tags"]
+    assert deploy.tagged_value(tags, METRIC) == 0.62
+    assert {t["Key"]: t["Value"] for t in tags}[deploy.JOB_TAG] == request["TrainingJobName"]
+
+    # The smoke test sent the first validation image as it is and checked the answer.
+    image_id, image = deploy.smoke_image(f"s3://{conf['bucket']}/designs", s3_client)
+    [invoked] = first_deploy.invocations
+    assert invoked["EndpointName"] == "tagflow-sm-train" and invoked["Body"] == image
+    assert invoked["headers"]["Content-Type"] == content_type_of(image) == "image/jpeg"
+    invoke = {"EndpointName": "tagflow-sm-train", "ContentType": "image/jpeg", "Body": image}
+    assert request_errors("sagemaker-runtime", "InvokeEndpoint", invoke) == []
+    assert result["results"]["smoke_test"]["endpoint"] == "tagflow-sm-train"
+    assert result["results"]["smoke_test"]["image_id"] == image_id
+
+
+@pytest.mark.slow
+def test_a_better_model_updates_the_endpoint_to_a_new_config(first_deploy, airflow_env, moto, tmp_path):
+    moto.on_training_job = reports_metrics(validation_accuracy=0.7)
+    since = len(moto.requests)
+    second = _run(airflow_env, first_deploy.conf, tmp_path / "second.log")
+    _all_valid(moto.requests[since:])
+
+    gate = second["results"]["evaluate_gate"]
+    assert (gate["deploy"], gate["serving_value"]) == (True, 0.62)  # read back from the serving config's tags
+    assert len(moto.sent("ListTags", since)) == 1
+    first_config = first_deploy.result["results"]["sagemaker_endpoint_config"]["EndpointConfig"]["EndpointConfigName"]
+    new_config = second["results"]["sagemaker_endpoint_config"]["EndpointConfig"]["EndpointConfigName"]
+    assert new_config != first_config
+    assert [p["EndpointName"] for p in moto.sent("CreateEndpoint", since)] == ["tagflow-sm-train"]  # refused
+    assert moto.sent("UpdateEndpoint", since) == [
+        {"EndpointName": "tagflow-sm-train", "EndpointConfigName": new_config}
+    ]
+
+    sagemaker = moto.client()
+    assert sagemaker.describe_endpoint(EndpointName="tagflow-sm-train")["EndpointConfigName"] == new_config
+    old = sagemaker.describe_endpoint_config(EndpointConfigName=first_config)  # kept: blue/green, never deleted
+    assert deploy.tagged_value(sagemaker.list_tags(ResourceArn=old["EndpointConfigArn"])["Tags"], METRIC) == 0.62
+    assert second["tasks"]["smoke_test"] == "success"
+
+
+@pytest.mark.slow
+def test_tune_run_sends_a_valid_tuning_job_and_deploys_its_best_trial(airflow_env, moto, s3_client, bucket, tmp_path):
+    conf = {
+        **_publish(s3_client, bucket, seed=22),
+        "mode": "tune",
+        "max_jobs": 4,
+        "max_parallel_jobs": 2,
+        "endpoint_name": "tagflow-sm-tune",
+    }
+    moto.on_tuning_job = finishes_tuning(0.66)
+    moto.queue_answer(_answer(conf["num_labels"]))
+    since = len(moto.requests)
+    result = _run(airflow_env, conf, tmp_path / "tune.log")
+    _all_valid(moto.requests[since:])
+
+    tasks = result["tasks"]
+    assert (tasks["sagemaker_tuning_request"], tasks["sagemaker_tune"]) == ("success", "success")
+    assert (tasks["sagemaker_training_request"], tasks["sagemaker_train"]) == ("skipped", "skipped")
+    request = result["results"]["sagemaker_tuning_request"]
+    assert request_errors("sagemaker", "CreateHyperParameterTuningJob", request) == []
+    assert moto.sent("CreateHyperParameterTuningJob", since) == [request]
+    assert request["HyperParameterTuningJobName"] == jobs.job_names(result["run_id"], 1)["tuning"]
+    assert request["HyperParameterTuningJobConfig"]["HyperParameterTuningJobObjective"]["MetricName"] == METRIC
+
+    best = f"{request['HyperParameterTuningJobName']}-003-1a2b3c4d"
+    candidate = result["results"]["evaluate_gate"]["candidate"]
+    assert (candidate["job"], candidate["metric"], candidate["value"]) == (best, METRIC, 0.66)
+    assert candidate["model_data_url"] == f"s3://{bucket}/designs/output/{best}/output/model.tar.gz"
+    sagemaker = moto.client()
+    config = sagemaker.describe_endpoint_config(
+        EndpointConfigName=sagemaker.describe_endpoint(EndpointName="tagflow-sm-tune")["EndpointConfigName"]
+    )
+    tags = {t["Key"]: t["Value"] for t in sagemaker.list_tags(ResourceArn=config["EndpointConfigArn"])["Tags"]}
+    assert tags[deploy.JOB_TAG] == best and tags[deploy.METRIC_TAG] == METRIC
+    assert tasks["smoke_test"] == "success"
+
+
+# --- one operator, its retries and failures (in this process, as on a worker) ---------------------------------
+
+
+@pytest.fixture(scope="module")
+def worker(s3_server, moto, tmp_path_factory):
+    """Airflow in this process, with the same `aws_default` connection the DAG runs get."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("AIRFLOW_HOME", str(tmp_path_factory.mktemp("airflow")))
+        connection = local_airflow.aws_connection(
+            s3_server, services={"sagemaker": moto.url, "sagemaker-runtime": moto.url, "logs": moto.url}
+        )
+        mp.setenv("AIRFLOW_CONN_AWS_DEFAULT", json.dumps(connection))
+        mp.syspath_prepend(str(local_airflow.PLUGINS))
+        yield
+
+
+@pytest.fixture
+def dataset(s3_client, bucket) -> str:
+    """A dataset location whose channels exist (the provider checks they do; moto never reads them)."""
+    for key in ("designs/training/train.rec", "designs/validation/val.rec"):
+        s3_client.put_object(Bucket=bucket, Key=key, Body=b"records")
+    return f"s3://{bucket}/designs"
+
+
+MANIFEST = {"num_labels": 50, "counts": {"train": 54, "val": 6}, "pack_params": {"resize": 32}}
+
+
+def _training_operator(dataset: str, run_id: str):
+    from tagflow_ops.operators import TagflowSageMakerTrainingOperator
+
+    bucket = s3.S3Uri.parse(dataset).bucket
+    cfg = runconfig.resolve({"bucket": bucket, "dataset_prefix": "designs", "backend": "sagemaker"})
+    request = jobs.training_request(
+        cfg,
+        MANIFEST,
+        job_name=jobs.job_names(run_id, 1)["training"],
+        image_uri=IMAGE,
+        role_arn=ROLE,
+    )
+    # As in the DAG: deferrable, with the operator's defaults otherwise.
+    return TagflowSageMakerTrainingOperator(task_id="sagemaker_train", config=request, deferrable=True)
+
+
+def _context(run_id: str, try_number: int) -> dict[str, Any]:
+    return {"dag_run": SimpleNamespace(run_id=run_id), "ti": SimpleNamespace(try_number=try_number)}
+
+
+def _run_id(request) -> str:
+    return f"manual__{request.node.name}"
+
+
+def _trigger_event(deferred) -> dict[str, Any]:
+    """Run the trigger a deferred task handed over, as the triggerer would, up to its first event."""
+
+    async def first():
+        async for event in deferred.trigger.run():
+            return event.payload
+
+    return asyncio.run(first())
+
+
+def _set_status(moto: Moto, name: str, status: str, reason: str | None = None) -> None:
+    job = moto.backend.training_jobs[name]
+    job.training_job_status = job.secondary_status = status
+    if reason:
+        job.failure_reason = reason
+
+
+REASON = "AlgorithmError: num_classes 50 does not match the labels in the record files (exit code 1)"
+
+
+def _failed(job) -> None:
+    job.training_job_status = job.secondary_status = "Failed"
+    job.failure_reason = REASON
+
+
+def _in_progress(job) -> None:
+    job.training_job_status, job.secondary_status = "InProgress", "Training"
+
+
+def test_a_failed_training_job_fails_the_task_with_sagemakers_reason(worker, moto, dataset, request):
+    from airflow.sdk.exceptions import AirflowException
+
+    moto.on_training_job = _failed
+    run_id = _run_id(request)
+    with pytest.raises(AirflowException, match=re.escape(REASON)):
+        _training_operator(dataset, run_id).execute(_context(run_id, 1))
+    assert moto.backend.training_jobs[jobs.job_names(run_id, 1)["training"]].training_job_status == "Failed"
+
+
+def test_a_job_that_fails_while_the_task_is_deferred_fails_it_with_the_reason(worker, moto, dataset, request):
+    from airflow.sdk.exceptions import AirflowException, TaskDeferred
+
+    moto.on_training_job = _in_progress
+    run_id = _run_id(request)
+    operator = _training_operator(dataset, run_id)
+    with pytest.raises(TaskDeferred) as deferred:
+        operator.execute(_context(run_id, 1))
+    _set_status(moto, jobs.job_names(run_id, 1)["training"], "Failed", REASON)
+    event = _trigger_event(deferred.value)
+    assert event["status"] == "failed" and event["message"] == REASON
+    with pytest.raises(AirflowException, match=re.escape(REASON)):
+        getattr(operator, deferred.value.method_name)(_context(run_id, 1), event)
+
+
+def _jobs(moto: Moto, run_id: str, kind: str = "training") -> list[str]:
+    """The jobs of `kind` this run's first three tries could have started."""
+    names = {jobs.job_names(run_id, t)[kind] for t in (1, 2, 3)}
+    table = moto.backend.training_jobs if kind == "training" else moto.backend.hyper_parameter_tuning_jobs
+    return sorted(name for name in table if name in names)
+
+
+def test_a_retry_waits_for_the_job_its_first_try_started(worker, moto, dataset, request):
+    from airflow.sdk.exceptions import TaskDeferred
+
+    run_id = _run_id(request)
+    first = jobs.job_names(run_id, 1)["training"]
+    moto.on_training_job = _in_progress
+    with pytest.raises(TaskDeferred):  # try 1 starts the job; then its worker dies while the task is deferred
+        _training_operator(dataset, run_id).execute(_context(run_id, 1))
+    since = len(moto.requests)
+
+    retry = _training_operator(dataset, run_id)
+    with pytest.raises(TaskDeferred) as deferred:
+        retry.execute(_context(run_id, 2))
+    assert deferred.value.trigger.job_name == first
+    assert moto.sent("CreateTrainingJob", since) == []
+    assert _jobs(moto, run_id) == [first]
+
+    _set_status(moto, first, "Completed")
+    moto.backend.training_jobs[first].final_metric_data_list = [{"MetricName": METRIC, "Value": 0.6}]
+    result = getattr(retry, deferred.value.method_name)(_context(run_id, 2), _trigger_event(deferred.value))
+    assert jobs.candidate(result, METRIC)["job"] == first
+    assert jobs.candidate(result, METRIC)["value"] == 0.6
+
+
+def test_a_retry_after_a_completed_job_returns_it_without_starting_another(worker, moto, dataset, request):
+    run_id = _run_id(request)
+    moto.on_training_job = reports_metrics(validation_accuracy=0.7)
+    first = _training_operator(dataset, run_id).execute(_context(run_id, 1))
+    since = len(moto.requests)
+    again = _training_operator(dataset, run_id).execute(_context(run_id, 2))
+    assert moto.sent("CreateTrainingJob", since) == []
+    assert again["Training"]["TrainingJobName"] == first["Training"]["TrainingJobName"]
+    assert _jobs(moto, run_id) == [jobs.job_names(run_id, 1)["training"]]
+
+
+def test_a_retry_after_a_failed_job_starts_a_new_differently_named_one(worker, moto, dataset, request):
+    from airflow.sdk.exceptions import AirflowException
+
+    run_id = _run_id(request)
+    moto.on_training_job = _failed
+    with pytest.raises(AirflowException, match=re.escape(REASON)):
+        _training_operator(dataset, run_id).execute(_context(run_id, 1))
+    moto.on_training_job = reports_metrics(validation_accuracy=0.7)
+    since = len(moto.requests)
+    result = _training_operator(dataset, run_id).execute(_context(run_id, 2))
+    second = jobs.job_names(run_id, 2)["training"]
+    assert [p["TrainingJobName"] for p in moto.sent("CreateTrainingJob", since)] == [second]
+    assert result["Training"]["TrainingJobName"] == second
+    assert _jobs(moto, run_id) == sorted([jobs.job_names(run_id, 1)["training"], second])
+    _all_valid(moto.requests[since:])
+
+
+def _tuning_operator(dataset: str, run_id: str):
+    from tagflow_ops.operators import TagflowSageMakerTuningOperator
+
+    bucket = s3.S3Uri.parse(dataset).bucket
+    cfg = runconfig.resolve({"bucket": bucket, "dataset_prefix": "designs", "backend": "sagemaker", "mode": "tune"})
+    request = jobs.tuning_request(
+        cfg,
+        MANIFEST,
+        tuning_name=jobs.job_names(run_id, 1)["tuning"],
+        image_uri=IMAGE,
+        role_arn=ROLE,
+    )
+    return TagflowSageMakerTuningOperator(task_id="sagemaker_tune", config=request, deferrable=True)
+
+
+@pytest.mark.timeout(120)  # waiting on the worker instead would poll until the job ends
+def test_a_tuning_retry_defers_on_the_job_its_first_try_started(worker, moto, dataset, request):
+    from airflow.sdk.exceptions import TaskDeferred
+
+    run_id = _run_id(request)
+    first = jobs.job_names(run_id, 1)["tuning"]
+    moto.on_tuning_job = lambda job: setattr(job, "hyper_parameter_tuning_job_status", "InProgress")
+    with pytest.raises(TaskDeferred):
+        _tuning_operator(dataset, run_id).execute(_context(run_id, 1))
+    since = len(moto.requests)
+
+    retry = _tuning_operator(dataset, run_id)
+    with pytest.raises(TaskDeferred) as deferred:  # waits in the triggerer, not on the worker
+        retry.execute(_context(run_id, 2))
+    assert deferred.value.trigger.job_name == first
+    assert moto.sent("CreateHyperParameterTuningJob", since) == []
+
+    moto.backend.hyper_parameter_tuning_jobs[first].hyper_parameter_tuning_job_status = "Completed"
+    finishes_tuning(0.66)(moto.backend.hyper_parameter_tuning_jobs[first])
+    result = getattr(retry, deferred.value.method_name)(_context(run_id, 2), _trigger_event(deferred.value))
+    assert jobs.candidate(result, METRIC)["tuning_job"] == first
+    assert _jobs(moto, run_id, "tuning") == [first]
