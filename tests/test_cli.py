@@ -120,7 +120,7 @@ def test_unreachable_s3_is_a_message(tmp_path):
         },
     )
     assert done.returncode == 1
-    assert "S3 error" in done.stderr and "Traceback" not in done.stderr
+    assert "AWS error" in done.stderr and "Traceback" not in done.stderr
 
 
 def test_every_verb_has_help():
@@ -135,20 +135,28 @@ def test_module_entry_point_matches_console_script():
     assert subprocess.run([str(script), "--help"], capture_output=True, check=False).returncode == 0
 
 
-def test_demo_runs_the_main_job_on_its_own_server(tmp_path):
-    from tagflow.local import s3server
+@pytest.mark.mxnet
+@pytest.mark.slow
+def test_demo_runs_the_whole_dag_on_its_own_services(tmp_path):
+    from tagflow.local import endpoint, s3server
 
     home = tmp_path / "home"
     env = {"TAGFLOW_HOME": str(home)}
     for key in ("AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         env[key] = ""  # the demo must find its own server, not the test session's
     try:
-        done = tagflow("demo", "--count", "60", "--json", env=env)
+        done = tagflow("demo", "--count", "400", "--json", env=env)  # 40 for validation: more than a batch
         assert done.returncode == 0, done.stderr
-        summary = json.loads(done.stdout)
-        assert summary["counts"]["train"] + summary["counts"]["val"] == 60
-        assert summary["uris"]["train.rec"] == "s3://tagflow-data/demo/training/train.rec"
-        assert set(summary["seconds"]) == {"demo-data", "prepare", "download", "pack", "publish"}
+        result = json.loads(done.stdout)
+        assert result["state"] == "success"
+        assert result["results"]["publish"]["counts"]["listed"] == 400
+        assert result["results"]["publish"]["dataset"] == "s3://tagflow-data/50-label-rs96"
+        assert result["tasks"]["local_train"] == "success" and result["tasks"]["sagemaker_train"] == "skipped"
+        top = result["prediction"]["top"]
+        assert len(top) == 5 and all(0 <= t["probability"] <= 1 for t in top)
         assert s3server.status(home / "s3") is not None  # left running for the user to look at
+        served = endpoint.status(home / "endpoints" / "tagflow-designs")
+        assert served is not None and served.model_source == result["results"]["deploy_local"]["model"]
     finally:
+        endpoint.stop(home / "endpoints" / "tagflow-designs")
         s3server.stop(home / "s3")

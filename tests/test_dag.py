@@ -124,7 +124,7 @@ def local_endpoint(s3_server, tmp_path):
 @pytest.mark.mxnet
 @pytest.mark.slow
 def test_whole_dag_twice_second_run_reuses_every_shard_and_the_gate_keeps_the_better_model(
-    airflow_env, s3_client, bucket, local_endpoint, tmp_path
+    airflow_env, s3_server, s3_client, bucket, local_endpoint, tmp_path
 ):
     data = demo.publish(160, s3.S3Uri(bucket, "raw"), seed=5, client=s3_client, workers=1)
     env = {**airflow_env, "AIRFLOW_VAR_TAGFLOW_ENDPOINT_URL": local_endpoint.url}
@@ -165,3 +165,9 @@ def test_whole_dag_twice_second_run_reuses_every_shard_and_the_gate_keeps_the_be
         endpoint.metadata(local_endpoint.url)["source"]
         == first["results"]["evaluate_gate"]["candidate"]["model_data_url"]
     )
+
+    # The S3 keys travel only in the connection: no task log, XCom or rendered template shows them.
+    shown = "".join(p.read_text() for p in (tmp_path / "first.log", tmp_path / "second.log"))
+    shown += json.dumps(first) + json.dumps(second)
+    assert first["rendered"]["prepare"]["config"]["list_uri"] == data.list_uri  # rendered fields are in there
+    assert s3_server.secret_key not in shown and s3_server.access_key not in shown

@@ -614,17 +614,33 @@ def _in_progress(job) -> None:
 
 
 def test_a_failed_training_job_fails_the_task_with_sagemakers_reason(worker, moto, dataset, request):
-    from airflow.sdk.exceptions import AirflowException
+    """An AlgorithmError fails the task without a retry (AirflowFailException): the same job would fail again."""
+    from airflow.sdk.exceptions import AirflowFailException
 
     moto.on_training_job = _failed
     run_id = _run_id(request)
-    with pytest.raises(AirflowException, match=re.escape(REASON)):
+    with pytest.raises(AirflowFailException, match=re.escape(REASON)):
         _training_operator(dataset, run_id).execute(_context(run_id, 1))
     assert moto.backend.training_jobs[jobs.job_names(run_id, 1)["training"]].training_job_status == "Failed"
 
 
+def test_a_job_failed_by_sagemaker_itself_is_retried(worker, moto, dataset, request):
+    from airflow.sdk.exceptions import AirflowException, AirflowFailException
+
+    capacity = "InternalServerError: We encountered an internal error. Please try again."
+
+    def fail_internally(job) -> None:
+        job.training_job_status, job.secondary_status, job.failure_reason = "Failed", "Failed", capacity
+
+    moto.on_training_job = fail_internally
+    run_id = _run_id(request)
+    with pytest.raises(AirflowException, match=re.escape(capacity)) as failed:
+        _training_operator(dataset, run_id).execute(_context(run_id, 1))
+    assert not isinstance(failed.value, AirflowFailException)  # Airflow retries it
+
+
 def test_a_job_that_fails_while_the_task_is_deferred_fails_it_with_the_reason(worker, moto, dataset, request):
-    from airflow.sdk.exceptions import AirflowException, TaskDeferred
+    from airflow.sdk.exceptions import AirflowFailException, TaskDeferred
 
     moto.on_training_job = _in_progress
     run_id = _run_id(request)
@@ -634,7 +650,7 @@ def test_a_job_that_fails_while_the_task_is_deferred_fails_it_with_the_reason(wo
     _set_status(moto, jobs.job_names(run_id, 1)["training"], "Failed", REASON)
     event = _trigger_event(deferred.value)
     assert event["status"] == "failed" and event["message"] == REASON
-    with pytest.raises(AirflowException, match=re.escape(REASON)):
+    with pytest.raises(AirflowFailException, match=re.escape(REASON)):
         getattr(operator, deferred.value.method_name)(_context(run_id, 1), event)
 
 

@@ -555,29 +555,11 @@ def demo_command(
     count: Annotated[int, typer.Option("--count", min=1, help="Images to generate.")] = 2000,
     as_json: JsonFlag = False,
 ) -> None:
-    """The main job on one machine: local S3 server, demo data, then the whole data plane. (`make demo`.)"""
-    from tagflow import demo, pipeline, s3
-    from tagflow.local import s3server
+    """The main job on one machine: local S3 and endpoint, demo data, one run of the whole DAG. (`make demo`.)"""
+    from tagflow.local import demo_run
 
-    info = s3server.start()
-    os.environ.update(info.env())
-    print(f"local S3 server at {info.endpoint} (credentials in {info.state_dir}/s3.env)", file=sys.stderr)
-    raw = s3.S3Uri("tagflow-raw", "designs")
-    s3.ensure_bucket(s3.make_client(), "tagflow-data")
-    started = time.perf_counter()
-    data = demo.publish(count, raw, seed=0)
-    generated = time.perf_counter() - started
-    spec = pipeline.DatasetSpec(
-        list_uri=data.list_uri,
-        source_uri=data.images_uri,
-        labels_uri=data.labels_uri,
-        dataset_uri="s3://tagflow-data/demo",
-        num_labels=len(demo.LABEL_NAMES),
-        shard_size=500,
-    )
-    summary = pipeline.run(spec, on_stage=lambda n, s, _: print(f"{n}: {s:.2f}s", file=sys.stderr, flush=True))
-    summary["seconds"] = {"demo-data": round(generated, 3), **summary["seconds"]}
-    _emit(as_json, summary, _describe_run(summary))
+    result = demo_run.run(count, say=lambda line: print(line, file=sys.stderr, flush=True))
+    _emit(as_json, result, demo_run.describe(result))
 
 
 @s3_app.command("start")
@@ -638,7 +620,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tagflow: error: {err}", file=sys.stderr)
         return err.exit_code
     except (BotoCoreError, ClientError, Boto3Error) as err:
-        print(f"tagflow: S3 error: {err}", file=sys.stderr)
+        print(f"tagflow: AWS error: {err}", file=sys.stderr)
         return 1
 
 

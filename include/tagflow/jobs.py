@@ -24,6 +24,16 @@ from tagflow.sagemaker_config import (
 )
 
 JOB_PREFIX = "tagflow"
+# FailureReason prefixes SageMaker uses for a problem with the request, the data or the hyperparameters: running the
+# same job again would fail the same way (and cost another job), so these are not retried.
+NOT_RETRYABLE = ("ClientError", "AlgorithmError")
+
+
+def job_failure(what: str, reason: str) -> TagflowError:
+    """The error for a job that ended without a model: InputError (fail, do not retry) when the reason says the
+    request or data is at fault; TagflowError (retry) for anything else, such as capacity or internal errors."""
+    kind = InputError if reason.lstrip().startswith(NOT_RETRYABLE) else TagflowError
+    return kind(f"{what}: {reason}")
 
 
 def dataset_spec(cfg: RunConfig, *, pack_workers: int | None = None) -> DatasetSpec:
@@ -97,7 +107,7 @@ def training_candidate(describe: Mapping[str, Any], metric: str) -> dict[str, An
     """
     name, status = describe["TrainingJobName"], describe["TrainingJobStatus"]
     if status != "Completed":
-        raise TagflowError(f"training job {name} {status}: {describe.get('FailureReason', 'no reason given')}")
+        raise job_failure(f"training job {name} {status}", describe.get("FailureReason", "no reason given"))
     values = {m["MetricName"]: float(m["Value"]) for m in describe.get("FinalMetricDataList", [])}
     return {
         "job": name,
@@ -113,7 +123,7 @@ def tuning_candidate(describe: Mapping[str, Any]) -> dict[str, Any]:
     best = describe.get("BestTrainingJob")
     if describe["HyperParameterTuningJobStatus"] != "Completed" or not best:
         reason = describe.get("FailureReason", "no trial produced the objective metric")
-        raise TagflowError(f"tuning job {name} {describe['HyperParameterTuningJobStatus']}: {reason}")
+        raise job_failure(f"tuning job {name} {describe['HyperParameterTuningJobStatus']}", reason)
     objective = best.get("FinalHyperParameterTuningJobObjectiveMetric") or {}
     output = describe["TrainingJobDefinition"]["OutputDataConfig"]["S3OutputPath"].rstrip("/")
     config = describe["HyperParameterTuningJobConfig"]
@@ -121,7 +131,7 @@ def tuning_candidate(describe: Mapping[str, Any]) -> dict[str, Any]:
         "job": best["TrainingJobName"],
         "tuning_job": name,
         "model_data_url": f"{output}/{best['TrainingJobName']}/output/model.tar.gz",
-        "metric": objective.get("MetricName") or config["HyperParameterTuningJobObjective"]["MetricName"],
+        "metric": config["HyperParameterTuningJobObjective"]["MetricName"],  # what the trials were ranked by
         "value": objective.get("Value"),
         "hyperparameters": best.get("TunedHyperParameters", {}),
     }

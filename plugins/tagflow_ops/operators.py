@@ -234,7 +234,7 @@ class LocalTrainingOperator(TagflowOperator):
         )  # fmt: skip
         self.log.info("training job %s: %s", name, request["HyperParameters"])
         with tempfile.TemporaryDirectory(prefix="tagflow-train-") as tmp:
-            describe = run_training_job(request, workdir=Path(tmp), client=self.aws.s3, on_line=self.log.info)
+            describe = run_training_job(request, workdir=Path(tmp), client=self.aws.s3)  # it logs the trainer's lines
         return jobs.training_candidate(describe, cfg.objective_metric)
 
 
@@ -293,6 +293,24 @@ class SageMakerRequestOperator(TagflowOperator):
         return request
 
 
+@contextmanager
+def _job_failure_fails_fast():
+    """A job SageMaker failed for a ClientError or AlgorithmError (bad data or hyperparameters) fails the task
+    without a retry, which would only pay for the same failure again; other failures are retried."""
+    from airflow.sdk.exceptions import AirflowException, AirflowFailException
+
+    from tagflow.jobs import NOT_RETRYABLE
+
+    try:
+        yield
+    except AirflowFailException:
+        raise
+    except AirflowException as err:
+        if any(reason in str(err) for reason in NOT_RETRYABLE):
+            raise AirflowFailException(str(err)) from err
+        raise
+
+
 class _AdoptingJobMixin:
     """Name the job per run and try, and adopt an earlier try's job that is still running or has completed,
     so a retry (say, after a worker died) never launches a second job; a failed earlier job is not adopted."""
@@ -300,6 +318,17 @@ class _AdoptingJobMixin:
     kind: str  # "training" | "tuning"
     name_field: str
     status_field: str
+
+    def execute(self, context: Context) -> dict:
+        with _job_failure_fails_fast():
+            return self._execute(context)
+
+    def execute_complete(self, context: Context, event: dict[str, Any] | None = None) -> dict:
+        with _job_failure_fails_fast():
+            return super().execute_complete(context, event)
+
+    def _execute(self, context: Context) -> dict:
+        raise NotImplementedError
 
     def _describe(self, name: str) -> dict[str, Any] | None:
         from botocore.exceptions import ClientError
@@ -330,13 +359,16 @@ class TagflowSageMakerTrainingOperator(_AdoptingJobMixin, SageMakerTrainingOpera
     kind, name_field, status_field = "training", "TrainingJobName", "TrainingJobStatus"
 
     def __init__(self, **kwargs: Any):
+        # Deferred, no worker stays to tail the job's CloudWatch log: printing it would only make the hook sleep
+        # check_interval (30 s) after creating the job, before the task defers.
+        kwargs.setdefault("print_log", not kwargs.get("deferrable", False))
         super().__init__(check_if_job_exists=True, action_if_job_exists="fail", **kwargs)
 
-    def execute(self, context: Context) -> dict:
+    def _execute(self, context: Context) -> dict:
         name, existing = self._choose(context)
         self.config[self.name_field] = name
         if existing is None:
-            return super().execute(context)
+            return SageMakerTrainingOperator.execute(self, context)
         self.log.info("adopting training job %s (%s) started by an earlier try", name, existing[self.status_field])
         if existing[self.status_field] == "Completed":
             return self.serialize_result(name)
@@ -363,12 +395,20 @@ class TagflowSageMakerTuningOperator(_AdoptingJobMixin, SageMakerTuningOperator)
 
     kind, name_field, status_field = "tuning", "HyperParameterTuningJobName", "HyperParameterTuningJobStatus"
 
-    def execute(self, context: Context) -> dict:
+    def _execute(self, context: Context) -> dict:
         name, existing = self._choose(context)
         self.config[self.name_field] = name
         if existing is None:
-            return super().execute(context)
+            return SageMakerTuningOperator.execute(self, context)
         self.log.info("adopting tuning job %s (%s) started by an earlier try", name, existing[self.status_field])
+        if existing[self.status_field] != "Completed" and self.deferrable:
+            from airflow.providers.amazon.aws.triggers.sagemaker import SageMakerTrigger
+
+            self.defer(
+                trigger=SageMakerTrigger(job_name=name, job_type="tuning", waiter_delay=self.check_interval,
+                                         aws_conn_id=self.aws_conn_id),
+                method_name="execute_complete",
+            )  # fmt: skip
         if existing[self.status_field] != "Completed":
             self.hook.check_status(name, "HyperParameterTuningJobStatus", self.hook.describe_tuning_job,
                                    self.check_interval, self.max_ingestion_time)  # fmt: skip

@@ -26,13 +26,16 @@ def main() -> None:
     dag = bag.dags[args.dag_id]
     logical_date = timezone.coerce_datetime(datetime.fromisoformat(args.logical_date)) if args.logical_date else None
     run = dag.test(run_conf=json.loads(args.conf), logical_date=logical_date)
-    tasks, results = {}, {}
+    from airflow.models.renderedtifields import RenderedTaskInstanceFields
+
+    tasks, results, rendered = {}, {}, {}
     for ti in run.get_task_instances():
         key = ti.task_id if ti.map_index < 0 else f"{ti.task_id}[{ti.map_index}]"
         tasks[key] = str(ti.state)
         if ti.state == "success":
             results[key] = ti.xcom_pull(task_ids=ti.task_id, map_indexes=ti.map_index if ti.map_index >= 0 else None)
-    summary = {"run_id": run.run_id, "state": str(run.state), "tasks": tasks, "results": results}
+            rendered[key] = RenderedTaskInstanceFields.get_templated_fields(ti)
+    summary = {"run_id": run.run_id, "state": str(run.state), "tasks": tasks, "results": results, "rendered": rendered}
     print("TAGFLOW_RESULT " + json.dumps(summary, default=str), flush=True)
 
 

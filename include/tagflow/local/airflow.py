@@ -60,7 +60,10 @@ def environment(
     """The environment an Airflow process (CLI, standalone, worker) needs to run the tagflow DAG here."""
     home = (home or tagflow_home() / "airflow").resolve()
     home.mkdir(parents=True, exist_ok=True)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW__", "AIRFLOW_CONN_", "AIRFLOW_VAR_"))}
+    # Tasks reach AWS (or the local S3 server) only through aws_default: no AWS_* settings leak in from the shell.
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW__", "AIRFLOW_CONN_", "AIRFLOW_VAR_", "AWS_"))
+    }
     venv_bin = str(Path(sys.executable).parent)
     env.update(
         {
@@ -72,7 +75,8 @@ def environment(
             "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
             "AIRFLOW__CORE__EXECUTOR": executor,
             "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": database_url or f"sqlite:///{home / 'airflow.db'}",
-            "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
+            # a new DAG waits to be unpaused: its weekly schedule must not start a run before there is data
+            "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True",
             "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
             "AIRFLOW_CONN_AWS_DEFAULT": json.dumps(aws_connection(s3, services=services)),
             "PYTHONPATH": os.pathsep.join(filter(None, [str(PLUGINS), env.get("PYTHONPATH")])),
@@ -107,7 +111,7 @@ def run_once(
     log_file: Path | None = None,
 ) -> dict[str, Any]:
     """Run the tagflow DAG once in this machine's Airflow (`dag.test`: every task in one process, no scheduler)
-    and return {"run_id", "state", "tasks": {task: state}, "results": {task: XCom}}."""
+    and return {"run_id", "state", "tasks": {task: state}, "results": {task: XCom}, "rendered": {task: fields}}."""
     args = [sys.executable, str(RUN_ONCE), "--conf", json.dumps(dict(conf))]
     if logical_date:
         args += ["--logical-date", logical_date]

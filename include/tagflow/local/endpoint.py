@@ -150,8 +150,8 @@ def load(
     before switching, so no request is dropped; on any failure the old model keeps serving. `token` is the server's
     admin token (TAGFLOW_ENDPOINT_TOKEN), sent as a bearer token. Returns the server's /metadata for the new model.
 
-    InputError when the archive is no model or the request is wrong; TagflowError for anything else (refused,
-    unreachable, download failed), naming the endpoint, the model and the server's reason."""
+    InputError when the archive is no model, the request is wrong or the token is refused (retrying cannot help);
+    TagflowError for anything else (unreachable, download failed), naming the endpoint, the model and the reason."""
     url = url.rstrip("/")
     model_uri = str(model_uri)
     request = {"model_url": _model_url(model_uri, client), "source": model_uri}
@@ -167,7 +167,7 @@ def load(
         with urllib.request.urlopen(post, timeout=LOAD_TIMEOUT_S) as resp:
             answer = json.loads(resp.read())
     except urllib.error.HTTPError as err:
-        error = InputError if err.code in (400, 413, 422) else TagflowError
+        error = InputError if err.code in (400, 403, 413, 422) else TagflowError
         raise error(f"endpoint at {url} refused {model_uri} (HTTP {err.code}): {_message(err.read())}") from None
     except OSError as err:
         raise TagflowError(

@@ -66,6 +66,8 @@ def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
 
 def port_free(port: int, host: str = "127.0.0.1") -> bool:
     with socket.socket() as sock:
+        # as servers bind: a port in TIME_WAIT after a stop is free to them
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError:
