@@ -13,7 +13,7 @@ import urllib.request
 
 import pytest
 
-from tagflow.local import endpoint, process, s3server, stack
+from tagflow.local import endpoint, process, s3server, services, stack
 
 pytestmark = [pytest.mark.slow, pytest.mark.mxnet]
 
@@ -67,7 +67,7 @@ def test_up_is_idempotent_and_down_stops_everything(stack_home):
     assert done.returncode == 0, done.stderr[-4000:]
     af = stack.airflow_status()
     s3_info = s3server.status(stack_home / "s3")
-    ep = endpoint.status(stack_home / "endpoints" / stack.ENDPOINT_NAME)
+    ep = endpoint.status(stack_home / "endpoints" / services.ENDPOINT_NAME)
     assert af is not None and s3_info is not None and ep is not None
     for shown in (af.url, str(af.password_file), s3_info.endpoint, ep.url):
         assert shown in done.stdout
@@ -96,7 +96,7 @@ def test_up_is_idempotent_and_down_stops_everything(stack_home):
     # The endpoint runs empty; the default preset's buckets exist on this home's S3 server.
     ep_health = endpoint.health(ep.url)
     assert (ep_health["name"], ep_health["loaded"]) == ("tagflow-designs", False)
-    client = stack._s3_client(s3_info)
+    client = s3_info.client()
     for bucket in ("tagflow-data", "tagflow-raw"):
         client.head_bucket(Bucket=bucket)
 
@@ -119,7 +119,7 @@ def test_up_is_idempotent_and_down_stops_everything(stack_home):
     assert "already running" in again.stdout
     assert stack.airflow_status() == af
     assert s3server.status(stack_home / "s3").pid == s3_info.pid
-    assert endpoint.status(stack_home / "endpoints" / stack.ENDPOINT_NAME).pid == ep.pid
+    assert endpoint.status(stack_home / "endpoints" / services.ENDPOINT_NAME).pid == ep.pid
     assert run_stack("status").returncode == 0
 
     # Down: every process is gone (Airflow's whole session, tasks included) and nothing listens on their ports.

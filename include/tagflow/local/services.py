@@ -8,13 +8,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from tagflow import s3
+from tagflow import runconfig, s3
 from tagflow.local import endpoint, s3server
 from tagflow.local.s3server import ServerInfo
 
-RAW_BUCKET = "tagflow-raw"
-DATA_BUCKET = "tagflow-data"
-ENDPOINT_NAME = "tagflow-designs"
+ENDPOINT_NAME = runconfig.PARAMS["endpoint_name"]["default"]
 
 
 @dataclass(frozen=True)
@@ -31,11 +29,19 @@ def endpoint_state_dir() -> Path:
     return endpoint.default_state_dir(ENDPOINT_NAME)
 
 
+def default_buckets() -> list[str]:
+    """The buckets a run triggered with the form's defaults uses: its dataset bucket and its preset's sources."""
+    preset = runconfig.PRESETS[runconfig.PARAMS["preset"]["default"]]
+    buckets = {runconfig.PARAMS["bucket"]["default"]}
+    buckets.update(s3.S3Uri.parse(preset[key]).bucket for key in ("list_uri", "images_uri", "labels_uri"))
+    return sorted(buckets)
+
+
 def start() -> Services:
     """Start (or find) the S3 server and the endpoint; create the default preset's buckets. Idempotent."""
     info = s3server.start()
     client = info.client()
-    for bucket in (RAW_BUCKET, DATA_BUCKET):
+    for bucket in default_buckets():
         s3.ensure_bucket(client, bucket)
     served = endpoint.start(None, name=ENDPOINT_NAME, state_dir=endpoint_state_dir())
     return Services(s3=info, endpoint=served)

@@ -37,12 +37,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from tagflow import runconfig, s3
 from tagflow.errors import InputError, TagflowError
-from tagflow.local import airflow, endpoint, process, s3server
+from tagflow.local import airflow, endpoint, process, s3server, services
 
 DAG_ID = "tagflow"
-ENDPOINT_NAME = runconfig.PARAMS["endpoint_name"]["default"]
 ADMIN_USER = "admin"  # SimpleAuthManager's default `[core] simple_auth_manager_users` is admin:admin
 PASSWORD_FILE = "simple_auth_manager_passwords.json.generated"
 PREFERRED_PORT = 8080
@@ -82,22 +80,6 @@ class Stack:
 
 def airflow_home() -> Path:
     return airflow.tagflow_home() / "airflow"
-
-
-def s3_state_dir() -> Path:
-    return airflow.tagflow_home() / "s3"
-
-
-def endpoint_state_dir() -> Path:
-    return airflow.tagflow_home() / "endpoints" / ENDPOINT_NAME
-
-
-def default_buckets() -> list[str]:
-    """The buckets a run triggered with the form's defaults uses: its dataset bucket and its preset's sources."""
-    preset = runconfig.PRESETS[runconfig.PARAMS["preset"]["default"]]
-    buckets = {runconfig.PARAMS["bucket"]["default"]}
-    buckets.update(s3.S3Uri.parse(preset[key]).bucket for key in ("list_uri", "images_uri", "labels_uri"))
-    return sorted(buckets)
 
 
 def airflow_status(home: Path | None = None) -> AirflowInfo | None:
@@ -281,25 +263,13 @@ def _start_airflow(
     return info
 
 
-def _s3_client(info: s3server.ServerInfo) -> s3.S3Client:
-    import boto3
-
-    session = boto3.session.Session(
-        aws_access_key_id=info.access_key, aws_secret_access_key=info.secret_key, region_name=info.region
-    )
-    return s3.make_client(info.endpoint, session=session)
-
-
 def up(port: int | None = None, timeout: float = START_TIMEOUT_S) -> Stack:
     """Start the S3 server, the endpoint and Airflow (its UI on `port`; None: the last one, 8080 or any free one),
     or return those already running as asked (idempotent)."""
     home = airflow_home()
     home.mkdir(parents=True, exist_ok=True)
-    s3_info = s3server.start(s3_state_dir())
-    client = _s3_client(s3_info)
-    for bucket in default_buckets():
-        s3.ensure_bucket(client, bucket)
-    ep = endpoint.start(None, name=ENDPOINT_NAME, state_dir=endpoint_state_dir())
+    running_services = services.start()
+    s3_info, ep = running_services.s3, running_services.endpoint
     running = airflow_status(home)
     if running:
         if (running.s3_endpoint, running.endpoint_url) == (s3_info.endpoint, ep.url) and port in (None, running.port):
@@ -313,9 +283,10 @@ def down() -> list[str]:
     stopped = []
     if _stop_airflow(airflow_home()):
         stopped.append("Airflow")
-    if endpoint.stop(endpoint_state_dir()):
-        stopped.append(f"endpoint {ENDPOINT_NAME}")
-    if s3server.stop(s3_state_dir()):
+    was_running = services.stop()
+    if was_running["endpoint"]:
+        stopped.append(f"endpoint {services.ENDPOINT_NAME}")
+    if was_running["s3"]:
         stopped.append("S3 server")
     return stopped
 
@@ -331,7 +302,7 @@ def _describe(
     if ep:
         lines.append(f"endpoint  {ep.url}  ({ep.name}, pid {ep.pid}; log {ep.state_dir}/endpoint.log)")
     else:
-        lines.append(f"endpoint  not running ({ENDPOINT_NAME})")
+        lines.append(f"endpoint  not running ({services.ENDPOINT_NAME})")
     if af:
         lines.append(f"Airflow   {af.url}  (pid {af.pid}; log {af.log_file})")
         lines.append(f"          user {ADMIN_USER}, password in {af.password_file}")
@@ -361,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
             stopped = down()
             print(f"stopped: {', '.join(stopped)}" if stopped else "nothing was running")
         else:
-            found = (airflow_status(), s3server.status(s3_state_dir()), endpoint.status(endpoint_state_dir()))
+            found = (airflow_status(), s3server.status(), endpoint.status(services.endpoint_state_dir()))
             print("\n".join(_describe(*found)))
             return 0 if all(found) else 1
     except TagflowError as err:
