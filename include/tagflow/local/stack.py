@@ -226,9 +226,6 @@ def _start_airflow(
             "AIRFLOW__API__HOST": "127.0.0.1",
             "AIRFLOW__API__PORT": str(port),
             "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{url}/execution/",
-            # Nothing runs until someone triggers it in the UI (whose trigger form unpauses the DAG): unpaused, the
-            # weekly schedule would start a run on the latest interval as soon as the DAG is parsed.
-            "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True",
             # LocalExecutor keeps one worker process per slot (32 by default); tasks here share this machine's CPUs.
             "AIRFLOW__CORE__PARALLELISM": str(2 * len(os.sched_getaffinity(0))),
             "NO_COLOR": "1",  # standalone colours each component's name; the log is a file
