@@ -466,15 +466,19 @@ class DeployGateOperator(TagflowOperator):
         return deploy.tagged_value(sagemaker.list_tags(ResourceArn=arn).get("Tags", []), cfg.objective_metric)
 
 
-class LocalDeployOperator(TagflowOperator):
-    """Serve the candidate on the local endpoint: the server loads it completely, then switches (no request is
-    dropped; on failure the old model keeps serving)."""
+class _DeployOperator(TagflowOperator):
+    """Base: deploys the candidate in the gate's `decision` (templated from the gate's XCom)."""
 
     template_fields: Sequence[str] = ("config", "decision")
 
     def __init__(self, *, decision: Any, **kwargs: Any):
         super().__init__(**kwargs)
         self.decision = decision
+
+
+class LocalDeployOperator(_DeployOperator):
+    """Serve the candidate on the local endpoint: the server loads it completely, then switches (no request is
+    dropped; on failure the old model keeps serving)."""
 
     def run(self, context: Context) -> dict[str, Any]:
         from tagflow.local import endpoint
@@ -487,14 +491,8 @@ class LocalDeployOperator(TagflowOperator):
         return {"endpoint": served["name"], "url": url, "model": model}
 
 
-class SageMakerEndpointConfigOperator(TagflowOperator):
+class SageMakerEndpointConfigOperator(_DeployOperator):
     """Build the Model / EndpointConfig / Endpoint requests for the candidate (new names per run: blue/green)."""
-
-    template_fields: Sequence[str] = ("config", "decision")
-
-    def __init__(self, *, decision: Any, **kwargs: Any):
-        super().__init__(**kwargs)
-        self.decision = decision
 
     def run(self, context: Context) -> dict[str, Any]:
         from sagemaker.core import image_uris
