@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tagflow.local import process
+
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
 
@@ -47,17 +49,6 @@ def install_task_policy(airflow_home: Path) -> None:
     config = airflow_home / "config"
     config.mkdir(parents=True, exist_ok=True)
     (config / "airflow_local_settings.py").write_text(LOCAL_SETTINGS)
-
-
-def _session_members(sid: int) -> list[int]:
-    """Live (non-zombie) processes of session `sid`."""
-    members = []
-    for stat_file in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, IndexError, ValueError):
-            fields = stat_file.read_text().rsplit(")", 1)[1].split()  # state, ppid, pgrp, session, ...
-            if int(fields[3]) == sid and fields[0] != "Z":
-                members.append(int(stat_file.parent.name))
-    return members
 
 
 class Components:
@@ -102,10 +93,10 @@ class Components:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(sid, signal.SIGTERM)
         deadline = time.monotonic() + timeout
-        while any(_session_members(sid) for sid in sessions) and time.monotonic() < deadline:
+        while any(process.session_members(sid) for sid in sessions) and time.monotonic() < deadline:
             time.sleep(0.2)
         for sid in sessions:
-            for pid in _session_members(sid):
+            for pid in process.session_members(sid):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
         for proc in self.procs.values():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tagflow import jobs, runconfig
-from tagflow.errors import TagflowError
+from tagflow.errors import InputError, TagflowError
 
 MANIFEST = {"num_labels": 50, "counts": {"train": 1800, "val": 200}, "pack_params": {"resize": 96}}
 ROLE = "arn:aws:iam::123456789012:role/tagflow"
@@ -96,3 +96,12 @@ def test_candidates_from_training_and_tuning_results():
     best = jobs.candidate({"Tuning": tuning}, "validation:accuracy")
     assert best["model_data_url"] == "s3://b/p/output/t-003/output/model.tar.gz"
     assert (best["value"], best["tuning_job"]) == (0.7, "t")
+
+
+def test_a_batch_larger_than_a_split_is_refused_before_any_job_starts():
+    cfg = runconfig.resolve({"hyperparameters": {"mini_batch_size": 64}})
+    small = {**MANIFEST, "counts": {"train": 540, "val": 60}}
+    with pytest.raises(InputError, match=r"mini_batch_size: 64 is more than the 60 val images of s3://tagflow-data/"):
+        jobs.training_request(cfg, small, job_name="j", image_uri=IMAGE, role_arn=ROLE)
+    tuned = runconfig.resolve({"mode": "tune", "tuning_ranges": {"mini_batch_size": [16, 32]}})
+    assert jobs.tuning_request(tuned, small, tuning_name="t", image_uri=IMAGE, role_arn=ROLE)

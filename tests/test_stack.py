@@ -123,12 +123,12 @@ def test_up_is_idempotent_and_down_stops_everything(stack_home):
     assert run_stack("status").returncode == 0
 
     # Down: every process is gone (Airflow's whole session, tasks included) and nothing listens on their ports.
-    assert stack._session_members(af.pid)
+    assert process.session_members(af.pid)
     down = run_stack("down")
     assert down.returncode == 0, down.stderr[-4000:]
     assert down.stdout.strip() == "stopped: Airflow, endpoint tagflow-designs, S3 server"
     assert not any(process.pid_alive(pid) for pid in (af.pid, s3_info.pid, ep.pid))
-    assert stack._session_members(af.pid) == []
+    assert process.session_members(af.pid) == []
     for port in (af.port, ep.port, *s3_info.ports.values()):
         assert not listening(port), port
     status = run_stack("status")

@@ -24,6 +24,7 @@ from tagflow.sagemaker_config import (
 )
 
 JOB_PREFIX = "tagflow"
+DEFAULT_MINI_BATCH = 32  # the built-in algorithm's default mini_batch_size
 # FailureReason prefixes SageMaker uses for a problem with the request, the data or the hyperparameters: running the
 # same job again would fail the same way (and cost another job), so these are not retried.
 NOT_RETRYABLE = ("ClientError", "AlgorithmError")
@@ -72,6 +73,25 @@ def training_request(
     cfg: RunConfig, manifest: Mapping[str, Any], *, job_name: str, image_uri: str, role_arn: str
 ) -> dict[str, Any]:
     """CreateTrainingJob for this run: the form's hyperparameters plus those the packed data decides."""
+    check_batch(cfg.hyperparameters, manifest, cfg.dataset_uri)
+    return _training_request(cfg, manifest, job_name=job_name, image_uri=image_uri, role_arn=role_arn)
+
+
+def check_batch(hyperparameters: Mapping[str, Any], manifest: Mapping[str, Any], dataset_uri: str) -> None:
+    """Refuse a mini-batch larger than either split: the algorithm would fail on it only after the job started."""
+    batch = int(hyperparameters.get("mini_batch_size", DEFAULT_MINI_BATCH))
+    counts = manifest.get("counts", {})
+    for split in ("train", "val"):
+        if split in counts and int(counts[split]) < batch:
+            raise InputError(
+                f"hyperparameters.mini_batch_size: {batch} is more than the {counts[split]} {split} images of "
+                f"{dataset_uri}; lower it or add images"
+            )
+
+
+def _training_request(
+    cfg: RunConfig, manifest: Mapping[str, Any], *, job_name: str, image_uri: str, role_arn: str
+) -> dict[str, Any]:
     return training_job_request(
         job_name,
         image_uri=image_uri,
@@ -88,7 +108,9 @@ def tuning_request(
     cfg: RunConfig, manifest: Mapping[str, Any], *, tuning_name: str, image_uri: str, role_arn: str
 ) -> dict[str, Any]:
     """CreateHyperParameterTuningJob for this run, tuning `cfg.tuning_ranges` around `training_request`."""
-    training = training_request(cfg, manifest, job_name=f"{tuning_name}-def", image_uri=image_uri, role_arn=role_arn)
+    if "mini_batch_size" not in cfg.tuning_ranges:  # a tuned batch size is each trial's own
+        check_batch(cfg.hyperparameters, manifest, cfg.dataset_uri)
+    training = _training_request(cfg, manifest, job_name=f"{tuning_name}-def", image_uri=image_uri, role_arn=role_arn)
     return tuning_job_request(
         tuning_name,
         training=training,

@@ -26,19 +26,21 @@ scale. Other formats, CMYK JPEGs and JPEGs libjpeg-turbo reports as damaged go t
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
 import logging
 import math
-import multiprocessing
 import os
 import re
 import shutil
 import struct
 import subprocess
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -353,27 +355,28 @@ def _prepare(items: Iterable[PackItem]) -> tuple[list[tuple[int, np.ndarray, Pat
     return prepared, width
 
 
-_worker_params: PackParams | None = None
-
-
-def _init_worker(params: PackParams) -> None:
-    global _worker_params
-    _worker_params = params
-    cv2.setNumThreads(1)  # one process per core already; OpenCV's own threads would only contend
-
-
-def _encode_file(path: str) -> tuple[bytes | None, str | None]:
-    """Worker: (encoded image, None) or (None, reason)."""
-    assert _worker_params is not None
+def _encode_file(path: str, params: PackParams) -> tuple[bytes | None, str | None]:
+    """One image: (encoded image, None) or (None, reason)."""
     try:
         with open(path, "rb") as f:
             data = f.read()
     except OSError as exc:
         return None, f"cannot read file: {exc.strerror or exc}"
     try:
-        return encode_image(data, _worker_params), None
+        return encode_image(data, params), None
     except ImageError as exc:
         return None, exc.reason
+
+
+def _in_order(pool: ThreadPoolExecutor, fn: Callable, items: Sequence, window: int) -> Iterator:
+    """pool.map's results in order, with at most `window` items in flight (bounded memory on long lists)."""
+    pending: deque[Future] = deque()
+    for item in items:
+        pending.append(pool.submit(fn, item))
+        if len(pending) >= window:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
 
 
 def default_workers() -> int:
@@ -404,17 +407,15 @@ def pack(
     total = len(prepared)
     log.info("packing %d images into %s with %d worker(s)", total, out_dir, workers)
 
-    pool = None
-    if workers == 1 or total < 2:
-        _init_worker(params)
-        results: Iterable[tuple[bytes | None, str | None]] = map(_encode_file, paths)
-    else:
-        # forkserver, not fork: a caller that runs threads (an Airflow task, with its supervisor's API thread) can
-        # deadlock a forked child on a lock some thread held. The pool lives only inside this call.
-        ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(["tagflow.pack"])
-        pool = ctx.Pool(workers, initializer=_init_worker, initargs=(params,))
-        results = pool.imap(_encode_file, paths, chunksize=max(1, min(64, total // (workers * 8) or 1)))
+    # Threads, not processes: decoding, resizing and encoding run in libjpeg-turbo and OpenCV with the GIL released,
+    # so threads use every core as processes did (measured), and they work inside any host process — an Airflow
+    # task forked from a daemonic Celery worker may not start child processes at all.
+    cv2.setNumThreads(1)  # one thread per core already; OpenCV's own threads would only contend
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="pack") if workers > 1 and total > 1 else None
+    encode = functools.partial(_encode_file, params=params)
+    results: Iterable[tuple[bytes | None, str | None]] = (
+        _in_order(pool, encode, paths, window=workers * 32) if pool else map(encode, paths)
+    )
     try:
         with (
             RecordWriter(out_dir / "train.rec", out_dir / "train.idx") as train,
@@ -434,8 +435,7 @@ def pack(
                     progress(done, total)
     finally:
         if pool is not None:
-            pool.terminate()
-            pool.join()
+            pool.shutdown(cancel_futures=True)
     report.label_counts = {s: sums[s].tolist() for s in SPLITS}
     report.seconds = time.perf_counter() - started
     log.info(

@@ -114,8 +114,9 @@ class ResolveConfigOperator(BaseOperator):
         from tagflow import runconfig
 
         run = context["dag_run"]
+        run_type = getattr(run.run_type, "value", run.run_type)  # DagRunType is an enum: "scheduled", "backfill", …
         cutoff = runconfig.partition_cutoff(
-            str(run.run_type), context.get("data_interval_end"), getattr(run, "run_after", None)
+            str(run_type), context.get("data_interval_end"), getattr(run, "run_after", None)
         )
         with bad_input_fails_fast():
             cfg = runconfig.resolve(dict(context["params"]), list_until=cutoff)

@@ -73,3 +73,28 @@ def port_free(port: int, host: str = "127.0.0.1") -> bool:
         except OSError:
             return False
     return True
+
+
+def session_members(sid: int) -> list[int]:
+    """Live (non-zombie) processes of session `sid`. A server that starts children in process groups of their own
+    (Airflow runs each task so) keeps them in its session, not in its process group."""
+    members = []
+    for stat_file in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            fields = stat_file.read_text().rsplit(")", 1)[1].split()  # state, ppid, pgrp, session, ...
+            if int(fields[3]) == sid and fields[0] != "Z":
+                members.append(int(stat_file.parent.name))
+    return members
+
+
+def stop_session(sid: int, timeout: float = 20) -> bool:
+    """Stop the process group `sid` leads (SIGTERM, then SIGKILL), then whatever else still runs in its session;
+    True if anything was running."""
+    was_running = stop_group(sid, timeout) or bool(session_members(sid))
+    deadline = time.monotonic() + timeout
+    while session_members(sid) and time.monotonic() < deadline:  # children still shutting down
+        time.sleep(0.2)
+    for member in session_members(sid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(member, signal.SIGKILL)
+    return was_running

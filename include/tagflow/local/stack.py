@@ -26,7 +26,6 @@ import argparse
 import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -92,31 +91,13 @@ def airflow_status(home: Path | None = None) -> AirflowInfo | None:
     return AirflowInfo(**json.loads(info_file.read_text()))
 
 
-def _session_members(sid: int) -> list[int]:
-    """Live (non-zombie) processes of session `sid`. Airflow runs each task in a process group of its own, so
-    the session, not the group, holds everything `airflow standalone` started."""
-    members = []
-    for stat_file in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, IndexError, ValueError):
-            fields = stat_file.read_text().rsplit(")", 1)[1].split()  # state, ppid, pgrp, session, ...
-            if int(fields[3]) == sid and fields[0] != "Z":
-                members.append(int(stat_file.parent.name))
-    return members
-
-
 def _stop_airflow(home: Path) -> bool:
     """Stop `airflow standalone` and every process it started; True if any was running."""
     pid_file = home / "standalone.pid"
     pid = process.read_pid(pid_file)
     if not pid:
         return False
-    was_running = process.stop_group(pid, STOP_TIMEOUT_S) or bool(_session_members(pid))
-    deadline = time.monotonic() + STOP_TIMEOUT_S
-    while _session_members(pid) and time.monotonic() < deadline:  # its components are still shutting down
-        time.sleep(0.2)
-    for member in _session_members(pid):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(member, signal.SIGKILL)
+    was_running = process.stop_session(pid, STOP_TIMEOUT_S)  # its components run tasks in groups of their own
     pid_file.unlink(missing_ok=True)
     return was_running
 
