@@ -78,12 +78,15 @@ def describe(result: dict[str, Any]) -> str:
         states[state] = states.get(state, 0) + 1
     out = result["results"]
     publish, gate = out["publish"], out["evaluate_gate"]
+    downloads = [r for task, r in out.items() if task.startswith("shard.download")]
     counts = publish["counts"]
     candidate = gate["candidate"]
     lines = [
         f"DAG run {result['run_id']}: {result['state']} ({', '.join(f'{n} {s}' for s, n in sorted(states.items()))})",
         f"dataset {publish['dataset']}: {counts['train']} train, {counts['val']} val, {counts['skipped']} skipped "
         f"of {counts['listed']} listed",
+        f"  {len(downloads)} shard(s), {sum(r['reused'] for r in downloads)} reused from S3 staging; "
+        f"{sum(r.get('fetched', 0) for r in downloads)} images fetched",
         f"model {candidate['model_data_url']}",
         f"  {candidate['metric']} = {candidate['value']:.4f}",
         f"gate: {'deployed' if gate['deploy'] else 'kept the serving model'} — {gate['reason']}",
