@@ -1,7 +1,7 @@
 """DAG figures: how long the DAG file takes to parse (as Airflow's DAG processor does it: airflow.sdk already
 imported), and what one whole local run costs, first on new data and then again on the same data.
 
-    .venv/bin/python bench/bench_dag.py --parse-rounds 10 --images 300
+    .venv/bin/python bench/bench_dag.py --parse-rounds 10 --images 500
 
 The run figures use the real local S3 server and algorithm environment in a throwaway TAGFLOW_HOME.
 """
@@ -44,7 +44,7 @@ def parse_times(env: dict[str, str], rounds: int) -> list[float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     parser.add_argument("--parse-rounds", type=int, default=10)
-    parser.add_argument("--images", type=int, default=300, help="demo designs for the whole-run figure (0: skip)")
+    parser.add_argument("--images", type=int, default=500, help="demo designs for the whole-run figure (0: skip)")
     args = parser.parse_args()
 
     import airflow
@@ -69,7 +69,7 @@ def main() -> None:
             conf = {
                 "list_uri": data.list_uri, "images_uri": data.images_uri, "labels_uri": data.labels_uri,
                 "dataset_prefix": "bench", "shard_size": 100,
-                "hyperparameters": {"num_layers": 18, "epochs": 1, "mini_batch_size": 32, "learning_rate": 0.05},
+                "hyperparameters": {"num_layers": 18, "epochs": 1, "mini_batch_size": 16, "learning_rate": 0.05},
             }  # fmt: skip
             for label in ("first run (new data)", "second run (same data)"):
                 started = time.perf_counter()

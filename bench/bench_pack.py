@@ -160,7 +160,7 @@ def main() -> None:
     rate_mxnet = n / mxnet.seconds
     rate_steady = n / mxnet_steady
     print(f"images: {n} synthetic JPEGs ~256 px, resize {params.resize}, quality {params.quality}")
-    print(f"workers: {args.workers} (native processes, im2rec --num-thread)")
+    print(f"workers: {args.workers} (native threads, im2rec --num-thread)")
     print(f"native : {native.seconds:7.2f} s  {rate_native:8.0f} img/s  errors {len(native.errors)}")
     print(f"im2rec : {mxnet.seconds:7.2f} s  {rate_mxnet:8.0f} img/s  end to end  errors {len(mxnet.errors)}")
     print(
