@@ -24,9 +24,7 @@ from __future__ import annotations
 import os
 from datetime import datetime, timedelta
 
-from airflow.providers.amazon.aws.operators.sagemaker import SageMakerEndpointOperator, SageMakerModelOperator
-from airflow.sdk import DAG, Asset, Param, TriggerRule, chain, task_group
-from airflow.timetables.interval import CronDataIntervalTimetable
+from airflow.sdk import DAG, Asset, CronDataIntervalTimetable, Param, TriggerRule, chain, task_group
 
 from tagflow.runconfig import PARAMS
 from tagflow_ops.operators import (
@@ -43,6 +41,8 @@ from tagflow_ops.operators import (
     SageMakerEndpointConfigOperator,
     SageMakerRequestOperator,
     SmokeTestOperator,
+    TagflowSageMakerEndpointOperator,
+    TagflowSageMakerModelOperator,
     TagflowSageMakerTrainingOperator,
     TagflowSageMakerTuningOperator,
 )
@@ -53,6 +53,9 @@ DATASET = Asset("tagflow-dataset")
 MODEL = Asset("tagflow-model")
 TRAINING_TASKS = ["local_train", "local_tune", "sagemaker_train", "sagemaker_tune"]
 CONFIG = "{{ ti.xcom_pull(task_ids='resolve_config') }}"
+TRAINING_TIMEOUT = timedelta(hours=48)
+TUNING_TIMEOUT = timedelta(hours=96)
+TRIGGER_POLLS = 480  # SageMakerTrigger's default waiter_max_attempts
 
 with DAG(
     dag_id="tagflow",
@@ -96,17 +99,19 @@ with DAG(
             "sagemaker/tune": "sagemaker_tuning_request",
         },
     )
-    local_train = LocalTrainingOperator(task_id="local_train", config=CONFIG, execution_timeout=timedelta(hours=48))
-    local_tune = LocalTuningOperator(task_id="local_tune", config=CONFIG, execution_timeout=timedelta(hours=96))
+    local_train = LocalTrainingOperator(task_id="local_train", config=CONFIG, execution_timeout=TRAINING_TIMEOUT)
+    local_tune = LocalTuningOperator(task_id="local_tune", config=CONFIG, execution_timeout=TUNING_TIMEOUT)
     training_request = SageMakerRequestOperator(task_id="sagemaker_training_request", config=CONFIG, kind="training")
     tuning_request = SageMakerRequestOperator(task_id="sagemaker_tuning_request", config=CONFIG, kind="tuning")
+    # The deferred waits last as long as the task may: polls x interval = the execution timeout.
     sagemaker_train = TagflowSageMakerTrainingOperator(
         task_id="sagemaker_train", config=training_request.output, deferrable=True,
-        execution_timeout=timedelta(hours=48),
+        execution_timeout=TRAINING_TIMEOUT, check_interval=60, max_attempts=TRAINING_TIMEOUT // timedelta(seconds=60),
     )  # fmt: skip
     sagemaker_tune = TagflowSageMakerTuningOperator(
-        task_id="sagemaker_tune", config=tuning_request.output, deferrable=True, execution_timeout=timedelta(hours=96)
-    )
+        task_id="sagemaker_tune", config=tuning_request.output, deferrable=True, execution_timeout=TUNING_TIMEOUT,
+        check_interval=int(TUNING_TIMEOUT.total_seconds()) // TRIGGER_POLLS,  # its trigger polls at most 480 times
+    )  # fmt: skip
 
     gate = DeployGateOperator(
         task_id="evaluate_gate",
@@ -124,8 +129,8 @@ with DAG(
     endpoint_config = SageMakerEndpointConfigOperator(
         task_id="sagemaker_endpoint_config", config=CONFIG, decision=gate.output
     )
-    sagemaker_model = SageMakerModelOperator(task_id="sagemaker_model", config=endpoint_config.output["model"])
-    sagemaker_deploy = SageMakerEndpointOperator(
+    sagemaker_model = TagflowSageMakerModelOperator(task_id="sagemaker_model", config=endpoint_config.output["model"])
+    sagemaker_deploy = TagflowSageMakerEndpointOperator(
         task_id="sagemaker_deploy", config=endpoint_config.output, operation="create", deferrable=True
     )
     smoke_test = SmokeTestOperator(

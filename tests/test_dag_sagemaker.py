@@ -372,7 +372,7 @@ def _publish(s3_client, bucket: str, seed: int) -> dict[str, Any]:
         "dataset_prefix": "designs",
         "shard_size": 20,
         "backend": "sagemaker",
-        "hyperparameters": {"num_layers": 18, "epochs": 2, "mini_batch_size": 16, "learning_rate": 0.01},
+        "hyperparameters": {"num_layers": 18, "epochs": 2, "mini_batch_size": 4, "learning_rate": 0.01},
         "instance_type": "ml.p3.2xlarge",
         "metric_gate": 0.5,
     }
@@ -557,7 +557,7 @@ def dataset(s3_client, bucket) -> str:
     return f"s3://{bucket}/designs"
 
 
-MANIFEST = {"num_labels": 50, "counts": {"train": 54, "val": 6}, "pack_params": {"resize": 32}}
+MANIFEST = {"num_labels": 50, "counts": {"train": 540, "val": 60}, "pack_params": {"resize": 32}}
 
 
 def _training_operator(dataset: str, run_id: str):
@@ -750,3 +750,28 @@ def test_a_tuning_retry_defers_on_the_job_its_first_try_started(worker, moto, da
     result = getattr(retry, deferred.value.method_name)(_context(run_id, 2), _trigger_event(deferred.value))
     assert jobs.candidate(result, METRIC)["tuning_job"] == first
     assert _jobs(moto, run_id, "tuning") == [first]
+
+
+def test_a_deploy_retry_uses_what_its_first_try_created(worker, moto, request):
+    """Model and endpoint-config names are per run, so a retried deploy meets its own first try's resources:
+    it uses them instead of failing on "already existing", and creates nothing twice."""
+    from tagflow_ops.operators import TagflowSageMakerEndpointOperator, TagflowSageMakerModelOperator
+
+    name = f"retry-{uuid.uuid4().hex[:8]}"
+    candidate = {"job": "j", "metric": "validation:accuracy", "value": 0.7, "model_data_url": "s3://b/m.tar.gz"}
+    requests = deploy.sagemaker_endpoint_config(
+        candidate, run_key=_run_id(request), endpoint_name=name, image_uri=IMAGE, role_arn=ROLE,
+        instance_type="ml.m5.large",
+    )  # fmt: skip
+    since = len(moto.requests)
+    for _ in range(2):  # the first try, then its retry
+        TagflowSageMakerModelOperator(task_id="sagemaker_model", config=dict(requests["Model"])).execute({})
+        done = TagflowSageMakerEndpointOperator(
+            task_id="sagemaker_deploy",
+            config={k: dict(v) for k, v in requests.items() if k != "Model"},
+            operation="create",
+            deferrable=False,
+        ).execute({})
+        assert done["Endpoint"]["EndpointConfigName"] == requests["EndpointConfig"]["EndpointConfigName"]
+    created = [op for op, _ in moto.requests[since:] if op.startswith("Create")]
+    assert created == ["CreateModel", "CreateEndpointConfig", "CreateEndpoint"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tagflow import deploy
+from tagflow.errors import TagflowError
 
 NEW = {"job": "j2", "metric": "validation:accuracy", "value": 0.80, "model_data_url": "s3://b/m.tar.gz"}
 
@@ -51,7 +52,26 @@ def test_the_local_endpoints_metrics():
 
 def test_a_prediction_of_the_wrong_shape_is_refused():
     assert deploy.check_prediction(b"[0.1, 0.9]", 2, "e") == [0.1, 0.9]
-    with pytest.raises(Exception, match=r"endpoint e answered \[0.1\]; expected 2 probabilities"):
+    with pytest.raises(TagflowError, match=r"endpoint e answered \[0.1\]; expected 2 probabilities"):
         deploy.check_prediction(b"[0.1]", 2, "e")
-    with pytest.raises(Exception, match="not JSON"):
+    with pytest.raises(TagflowError, match="not JSON"):
         deploy.check_prediction(b"body", 2, "e")
+
+
+def test_an_endpoint_left_on_its_old_config_is_a_failed_deploy():
+    """A failed blue/green update rolls back to InService on the old config, which a waiter takes for success."""
+    from tagflow.errors import TagflowError
+
+    deploy.check_switched({"EndpointName": "e", "EndpointConfigName": "new", "EndpointStatus": "InService"}, "new")
+    rolled_back = {
+        "EndpointName": "e",
+        "EndpointConfigName": "old",
+        "EndpointStatus": "InService",
+        "FailureReason": "The primary container for production variant AllTraffic did not pass the ping health check.",
+    }
+    with pytest.raises(TagflowError) as failed:
+        deploy.check_switched(rolled_back, "new")
+    assert str(failed.value) == (
+        "endpoint e did not switch to new: it still serves old (InService; The primary container for production "
+        "variant AllTraffic did not pass the ping health check.). The old model keeps serving."
+    )

@@ -376,9 +376,8 @@ def test_with_a_token_every_model_load_must_send_it(models, tmp_path, mxnet_pyth
             (TOKEN[:-1] + "8", "the bearer token is not this server's TAGFLOW_ENDPOINT_TOKEN"),
         ]
         for token, reason in refused:
-            with pytest.raises(TagflowError, match=r"HTTP 403\).*" + re.escape(reason)) as raised:
+            with pytest.raises(InputError, match=r"HTTP 403\).*" + re.escape(reason)):  # a retry cannot fix it
                 endpoint.load(info.url, models[0], token=token)
-            assert not isinstance(raised.value, InputError)
         assert endpoint.health(info.url)["loaded"] is False
         answer = endpoint.load(info.url, models[0], token=TOKEN)
         assert answer["source"] == str(models[0])

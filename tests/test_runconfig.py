@@ -24,6 +24,7 @@ def test_every_default_satisfies_its_own_schema_and_every_field_is_documented():
     for name, spec in runconfig.PARAMS.items():
         assert _valid(name, spec["default"]), name
         assert spec.get("section") in ("Dataset", "Packing", "Training", "Tuning", "Deployment"), name
+        assert spec.get("title") and spec.get("description"), f"{name}: the form shows a title and help text"
 
 
 @pytest.mark.parametrize(

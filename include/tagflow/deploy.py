@@ -62,6 +62,22 @@ def tagged_value(tags: Sequence[Mapping[str, str]], metric: str) -> float | None
         return None
 
 
+def sagemaker_serving_value(sagemaker, endpoint_name: str, metric: str) -> float | None:
+    """The objective recorded on the endpoint config `endpoint_name` serves now; None if there is no such endpoint
+    or its config was not made by tagflow for this metric. `sagemaker` is a boto3 SageMaker client."""
+    from botocore.exceptions import ClientError
+
+    try:
+        current = sagemaker.describe_endpoint(EndpointName=endpoint_name)
+    except ClientError as err:
+        # DescribeEndpoint answers ValidationException "Could not find endpoint ..." for a missing endpoint
+        if err.response.get("Error", {}).get("Code") == "ValidationException" and "Could not find" in str(err):
+            return None
+        raise
+    config = sagemaker.describe_endpoint_config(EndpointConfigName=current["EndpointConfigName"])
+    return tagged_value(sagemaker.list_tags(ResourceArn=config["EndpointConfigArn"]).get("Tags", []), metric)
+
+
 def objective_tags(candidate: Mapping[str, Any]) -> list[dict[str, str]]:
     return [
         {"Key": METRIC_TAG, "Value": candidate["metric"]},
@@ -110,6 +126,19 @@ def sagemaker_endpoint_config(
         },
         "Endpoint": {"EndpointName": endpoint_name, "EndpointConfigName": config_name},
     }
+
+
+def check_switched(endpoint: Mapping[str, Any], config_name: str) -> None:
+    """After a create or update has settled (DescribeEndpoint's shape): TagflowError unless the endpoint serves
+    `config_name`. A failed blue/green update leaves the endpoint InService on its old config, which a waiter for
+    InService takes for success; this says what happened instead."""
+    current = endpoint.get("EndpointConfigName")
+    if current != config_name:
+        reason = endpoint.get("FailureReason", "no reason given")
+        raise TagflowError(
+            f"endpoint {endpoint.get('EndpointName')} did not switch to {config_name}: it still serves {current} "
+            f"({endpoint.get('EndpointStatus')}; {reason}). The old model keeps serving."
+        )
 
 
 def smoke_image(dataset_uri: str, client=None) -> tuple[int, bytes]:

@@ -11,14 +11,20 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from airflow.providers.amazon.aws.hooks.base_aws import AwsBaseHook
-from airflow.providers.amazon.aws.operators.sagemaker import SageMakerTrainingOperator, SageMakerTuningOperator
+from airflow.providers.amazon.aws.operators.sagemaker import (
+    SageMakerEndpointOperator,
+    SageMakerModelOperator,
+    SageMakerTrainingOperator,
+    SageMakerTuningOperator,
+    serialize,
+)
 from airflow.sdk import BaseBranchOperator, BaseOperator
 
 if TYPE_CHECKING:
@@ -27,6 +33,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 S3_POOL = 40  # connections for a download shard's 32 threads plus headroom
+ROLE_VARIABLE = "tagflow_sagemaker_role_arn"
 
 
 @contextmanager
@@ -73,7 +80,21 @@ class AwsClients:
 
     @cached_property
     def region(self) -> str:
-        return AwsBaseHook(aws_conn_id=self.aws_conn_id, client_type="sagemaker").region_name or "us-east-1"
+        region = AwsBaseHook(aws_conn_id=self.aws_conn_id, client_type="sagemaker").region_name
+        if not region:
+            from tagflow.errors import InputError
+
+            raise InputError(
+                f'connection {self.aws_conn_id}: no region; set its extra region_name (e.g. {{"region_name": '
+                '"eu-west-1"}): the algorithm image, the jobs and the endpoint must be in one region'
+            )
+        return region
+
+    def image_uri(self) -> str:
+        """The built-in image-classification algorithm's image in this connection's region (sagemaker SDK)."""
+        from sagemaker.core import image_uris
+
+        return image_uris.retrieve("image-classification", self.region)
 
 
 class TagflowOperator(BaseOperator):
@@ -102,13 +123,6 @@ class TagflowOperator(BaseOperator):
 
 class ResolveConfigOperator(BaseOperator):
     """Validate the run's params across fields and fill presets; the result is every later task's `config`."""
-
-    template_fields: Sequence[str] = ("run_params",)
-    template_fields_renderers: ClassVar[dict[str, str]] = {"run_params": "json"}
-
-    def __init__(self, *, run_params: Any = "{{ params }}", **kwargs: Any):
-        super().__init__(**kwargs)
-        self.run_params = run_params
 
     def execute(self, context: Context) -> dict[str, Any]:
         from tagflow import runconfig
@@ -220,8 +234,6 @@ class ChooseBranchOperator(BaseBranchOperator):
 class LocalTrainingOperator(TagflowOperator):
     """Run this run's training job in the local algorithm environment (same request as on SageMaker)."""
 
-    template_fields: Sequence[str] = ("config",)
-
     def run(self, context: Context) -> dict[str, Any]:
         from tagflow import jobs
         from tagflow.local.runner import run_training_job
@@ -266,7 +278,7 @@ class SageMakerRequestOperator(TagflowOperator):
     `role_variable`.
     """
 
-    def __init__(self, *, kind: str, role_variable: str = "tagflow_sagemaker_role_arn", **kwargs: Any):
+    def __init__(self, *, kind: str, role_variable: str = ROLE_VARIABLE, **kwargs: Any):
         super().__init__(**kwargs)
         if kind not in ("training", "tuning"):
             raise ValueError(f"kind {kind!r}: expected 'training' or 'tuning'")
@@ -274,14 +286,11 @@ class SageMakerRequestOperator(TagflowOperator):
         self.role_variable = role_variable
 
     def run(self, context: Context) -> dict[str, Any]:
-        from airflow.sdk import Variable
-        from sagemaker.core import image_uris
-
         from tagflow import jobs
 
         cfg = _cfg(self.config)
-        image_uri = image_uris.retrieve("image-classification", self.aws.region)
-        role_arn = Variable.get(self.role_variable)
+        image_uri = self.aws.image_uri()
+        role_arn = required_variable(self.role_variable, "the SageMaker execution role's ARN")
         manifest = jobs.read_manifest(cfg.dataset_uri, self.aws.s3)
         names = jobs.job_names(_run_id(context), 1)  # the job operator names each try itself
         if self.kind == "training":
@@ -413,9 +422,74 @@ class TagflowSageMakerTuningOperator(_AdoptingJobMixin, SageMakerTuningOperator)
         if existing[self.status_field] != "Completed":
             self.hook.check_status(name, "HyperParameterTuningJobStatus", self.hook.describe_tuning_job,
                                    self.check_interval, self.max_ingestion_time)  # fmt: skip
-        from airflow.providers.amazon.aws.hooks.sagemaker import serialize
 
         return {"Tuning": serialize(self.hook.describe_tuning_job(name))}
+
+
+def _described(describe: Callable[[str], dict[str, Any]], name: str) -> dict[str, Any] | None:
+    """`describe(name)`, or None when SageMaker says there is no such resource."""
+    from botocore.exceptions import ClientError
+
+    try:
+        return describe(name)
+    except ClientError as err:
+        if err.response.get("Error", {}).get("Code") == "ValidationException" and "Could not find" in str(err):
+            return None
+        raise
+
+
+class TagflowSageMakerModelOperator(SageMakerModelOperator):
+    """The provider's SageMakerModelOperator; a retry finds the model an earlier try created (same name per run)
+    and uses it instead of failing on "already existing"."""
+
+    def execute(self, context: Context) -> dict:
+
+        existing = _described(self.hook.describe_model, self.config["ModelName"])
+        if existing is None:
+            return super().execute(context)
+        self.log.info("model %s exists (an earlier try created it): using it", self.config["ModelName"])
+        return {"Model": serialize(existing)}
+
+
+class TagflowSageMakerEndpointOperator(SageMakerEndpointOperator):
+    """The provider's SageMakerEndpointOperator (deferrable; creates the endpoint, or updates it blue/green), made
+    safe to retry — an endpoint config an earlier try created is not created again, an endpoint already on this
+    config is only waited for — and strict: it fails unless the endpoint ends up serving the new config."""
+
+    def execute(self, context: Context) -> dict:
+        config_name = self.config["Endpoint"]["EndpointConfigName"]
+        if _described(self.hook.describe_endpoint_config, config_name) is not None:
+            self.log.info("endpoint config %s exists (an earlier try created it)", config_name)
+            self.config.pop("EndpointConfig", None)
+        current = _described(self.hook.describe_endpoint, self.config["Endpoint"]["EndpointName"])
+        if current is not None and current["EndpointConfigName"] == config_name:
+            self.log.info("endpoint already on %s (%s)", config_name, current["EndpointStatus"])
+            if current["EndpointStatus"] not in ("InService", "Failed"):
+                self.hook.get_waiter("endpoint_in_service").wait(EndpointName=current["EndpointName"])
+            return self._checked(self._result(current["EndpointName"], config_name))
+        return self._checked(super().execute(context))
+
+    def execute_complete(self, context: Context, event: dict[str, Any] | None = None) -> dict:
+        return self._checked(super().execute_complete(context, event))
+
+    def _result(self, name: str, config_name: str) -> dict:
+
+        return {
+            "EndpointConfig": serialize(self.hook.describe_endpoint_config(config_name)),
+            "Endpoint": serialize(self.hook.describe_endpoint(name)),
+        }
+
+    def _checked(self, result: dict) -> dict:
+        from airflow.sdk.exceptions import AirflowException
+
+        from tagflow import deploy
+        from tagflow.errors import TagflowError
+
+        try:
+            deploy.check_switched(result["Endpoint"], self.config["Endpoint"]["EndpointConfigName"])
+        except TagflowError as err:
+            raise AirflowException(str(err)) from None
+        return result
 
 
 class DeployGateOperator(TagflowOperator):
@@ -436,18 +510,16 @@ class DeployGateOperator(TagflowOperator):
         if len(results) != 1:
             raise ValueError(f"expected one training result among {self.candidates}, found {len(results)}")
         candidate = jobs.candidate(results[0], cfg.objective_metric)
-        serving = self._serving_value(cfg)
-        decision = deploy.gate(candidate, cfg.metric_gate, serving)
-        if not cfg.deploy:
-            decision = {"deploy": False, "reason": "deploy is off for this run"}
+        if cfg.deploy:
+            serving = self._serving_value(cfg)
+            decision = deploy.gate(candidate, cfg.metric_gate, serving)
+        else:
+            serving, decision = None, {"deploy": False, "reason": "deploy is off for this run"}
         self.log.info("gate: %s", decision["reason"])
         for outlet in self.outlets:
             context["outlet_events"][outlet].extra = {**candidate, "deploy": decision["deploy"]}
-        return {**decision, "candidate": candidate, "serving_value": serving, "route": self._route(cfg, decision)}
-
-    @staticmethod
-    def _route(cfg, decision: Mapping[str, Any]) -> str:
-        return f"{cfg.backend}" if decision["deploy"] else "keep"
+        route = cfg.backend if decision["deploy"] else "keep"  # choose_deploy's key
+        return {**decision, "candidate": candidate, "serving_value": serving, "route": route}
 
     def _serving_value(self, cfg) -> float | None:
         from tagflow import deploy
@@ -456,15 +528,7 @@ class DeployGateOperator(TagflowOperator):
             from tagflow.local import endpoint
 
             return deploy.local_serving_value(endpoint.metadata(local_endpoint()[0]), cfg.objective_metric)
-        sagemaker = self.aws.client("sagemaker")
-        try:
-            current = sagemaker.describe_endpoint(EndpointName=cfg.endpoint_name)
-        except sagemaker.exceptions.ClientError as err:
-            if "Could not find endpoint" in str(err):
-                return None
-            raise
-        arn = sagemaker.describe_endpoint_config(EndpointConfigName=current["EndpointConfigName"])["EndpointConfigArn"]
-        return deploy.tagged_value(sagemaker.list_tags(ResourceArn=arn).get("Tags", []), cfg.objective_metric)
+        return deploy.sagemaker_serving_value(self.aws.client("sagemaker"), cfg.endpoint_name, cfg.objective_metric)
 
 
 class _DeployOperator(TagflowOperator):
@@ -496,8 +560,6 @@ class SageMakerEndpointConfigOperator(_DeployOperator):
     """Build the Model / EndpointConfig / Endpoint requests for the candidate (new names per run: blue/green)."""
 
     def run(self, context: Context) -> dict[str, Any]:
-        from sagemaker.core import image_uris
-
         from tagflow import deploy
 
         cfg = _cfg(self.config)
@@ -505,18 +567,24 @@ class SageMakerEndpointConfigOperator(_DeployOperator):
             self.decision["candidate"],
             run_key=_run_id(context),
             endpoint_name=cfg.endpoint_name,
-            image_uri=image_uris.retrieve("image-classification", self.aws.region),
-            role_arn=_variable("tagflow_sagemaker_role_arn"),
+            image_uri=self.aws.image_uri(),
+            role_arn=required_variable(ROLE_VARIABLE, "the SageMaker execution role's ARN"),
             instance_type=cfg.endpoint_instance_type,
         )
         context["ti"].xcom_push(key="model", value=requests.pop("Model"))  # SageMakerModelOperator's config
         return requests
 
 
-def _variable(name: str) -> str:
+def required_variable(name: str, what: str) -> str:
+    """An Airflow Variable that must be set; InputError (no retry) saying what it is and where it is explained."""
     from airflow.sdk import Variable
 
-    return Variable.get(name)
+    value = Variable.get(name, default=None)
+    if not value:
+        from tagflow.errors import InputError
+
+        raise InputError(f"the Airflow Variable {name} is not set: {what} (README, 'On AWS')")
+    return value
 
 
 def local_endpoint() -> tuple[str, str | None]:

@@ -17,17 +17,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from tagflow import local
 from tagflow.errors import TagflowError
+from tagflow.local import REPO
 from tagflow.local.s3server import ServerInfo
 
-REPO = Path(__file__).resolve().parents[3]
 DAGS = REPO / "dags"
 PLUGINS = REPO / "plugins"
 RUN_ONCE = PLUGINS / "tagflow_ops" / "run_once.py"
-
-
-def tagflow_home() -> Path:
-    return Path(os.environ.get("TAGFLOW_HOME", REPO / ".tagflow")).resolve()
 
 
 def aws_connection(s3: ServerInfo, *, services: Mapping[str, str] | None = None) -> dict[str, Any]:
@@ -58,7 +55,7 @@ def environment(
     extra: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
     """The environment an Airflow process (CLI, standalone, worker) needs to run the tagflow DAG here."""
-    home = (home or tagflow_home() / "airflow").resolve()
+    home = (home or local.home() / "airflow").resolve()
     home.mkdir(parents=True, exist_ok=True)
     # Tasks reach AWS (or the local S3 server) only through aws_default: no AWS_* settings leak in from the shell.
     env = {
@@ -68,7 +65,7 @@ def environment(
     env.update(
         {
             "PATH": f"{venv_bin}{os.pathsep}{env.get('PATH', '')}",  # airflow standalone starts `airflow ...`
-            "TAGFLOW_HOME": str(tagflow_home()),
+            "TAGFLOW_HOME": str(local.home()),
             "AIRFLOW_HOME": str(home),
             "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS),
             "AIRFLOW__CORE__PLUGINS_FOLDER": str(PLUGINS),

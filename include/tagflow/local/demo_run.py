@@ -9,13 +9,12 @@ fetched from the endpoint with boto3's sagemaker-runtime client.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from datetime import date
 from typing import Any
 
-from tagflow import demo, deploy, jobs, runconfig, s3
+from tagflow import demo, deploy, jobs, local, runconfig, s3
 from tagflow.errors import TagflowError
 from tagflow.local import airflow as local_airflow
 from tagflow.local import endpoint, services
@@ -26,6 +25,13 @@ HYPERPARAMETERS = {"num_layers": 18, "epochs": 3, "mini_batch_size": 32, "learni
 
 def run(count: int = 2000, *, say: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the demo; returns the DAG run's summary plus a prediction. `say` reports progress."""
+    from tagflow.local import stack
+
+    if stack.airflow_status() is not None:
+        raise TagflowError(
+            "`make up` runs Airflow on the same database: trigger the tagflow DAG from its UI instead, "
+            "or stop it with `make down` first"
+        )
     timings: dict[str, float] = {}
     started = time.perf_counter()
     running = services.start()
@@ -37,7 +43,7 @@ def run(count: int = 2000, *, say: Callable[[str], None] = print) -> dict[str, A
     timings["services and demo data"] = time.perf_counter() - started
 
     env = local_airflow.environment(running.s3, variables=running.airflow_variables())
-    log_file = local_airflow.tagflow_home() / "airflow" / "demo-run.log"
+    log_file = local.home() / "airflow" / "demo-run.log"
     say(f"running the tagflow DAG on {data.count} designs (log: {log_file}) ...")
     step = time.perf_counter()
     local_airflow.migrate(env)
@@ -47,10 +53,14 @@ def run(count: int = 2000, *, say: Callable[[str], None] = print) -> dict[str, A
         failed = sorted(t for t, state in result["tasks"].items() if state in ("failed", "upstream_failed"))
         raise TagflowError(f"the DAG run {result['run_id']} {result['state']}: failed tasks {failed}; see {log_file}")
 
-    cfg = runconfig.resolve({})
-    image_id, image = deploy.smoke_image(cfg.dataset_uri, client)
+    dataset_uri = result["results"]["publish"]["dataset"]
+    if not endpoint.health(running.endpoint.url)["loaded"]:  # the gate refused the only model there is
+        result["prediction"] = None
+        result["seconds"] = {k: round(v, 1) for k, v in timings.items()}
+        return result
+    image_id, image = deploy.smoke_image(dataset_uri, client)
     probabilities = endpoint.invoke(running.endpoint, image)
-    manifest = jobs.read_manifest(cfg.dataset_uri, client)
+    manifest = jobs.read_manifest(dataset_uri, client)
     names = manifest.get("label_names") or [f"label_{i}" for i in range(len(probabilities))]
     top = sorted(range(len(probabilities)), key=lambda i: -probabilities[i])[:5]
     result["prediction"] = {
@@ -92,14 +102,12 @@ def describe(result: dict[str, Any]) -> str:
         f"gate: {'deployed' if gate['deploy'] else 'kept the serving model'} — {gate['reason']}",
     ]
     pred = result.get("prediction")
-    if pred:
+    if pred is None:
+        lines.append("no prediction: the endpoint has no model (the gate deployed none)")
+    else:
         top = ", ".join(f"{t['label']} {t['probability']:.2f}" for t in pred["top"])
         lines.append(f"prediction for validation image {pred['image_id']} (through sagemaker-runtime): {top}")
         if pred.get("true_labels") is not None:
             lines.append(f"  its true labels: {', '.join(pred['true_labels'])}")
     lines.append("time: " + ", ".join(f"{k} {v:.0f}s" for k, v in result.get("seconds", {}).items()))
     return "\n".join(lines)
-
-
-if __name__ == "__main__":
-    print(json.dumps(run(200), indent=1, default=str))

@@ -32,13 +32,13 @@ import urllib.request
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from tagflow import s3
+from tagflow import local, s3
 from tagflow.errors import InputError, TagflowError
 from tagflow.local import process
 
 log = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parents[3]
+REPO = local.REPO
 SERVER = REPO / "algo" / "ic_serve.py"
 TOKEN_ENV = "TAGFLOW_ENDPOINT_TOKEN"  # the server's admin token, read by the server from its environment
 START_TIMEOUT_S = 120
@@ -65,7 +65,7 @@ class EndpointInfo:
 
 
 def default_state_dir(name: str) -> Path:
-    return Path(os.environ.get("TAGFLOW_HOME", ".tagflow")).resolve() / "endpoints" / name
+    return local.home() / "endpoints" / name
 
 
 def _url(endpoint: str | EndpointInfo) -> str:
@@ -154,7 +154,9 @@ def load(
     TagflowError for anything else (unreachable, download failed), naming the endpoint, the model and the reason."""
     url = url.rstrip("/")
     model_uri = str(model_uri)
-    request = {"model_url": _model_url(model_uri, client), "source": model_uri}
+    # `source` is shown by /health and /metadata and logged: never a URL's query (a presigned URL's signature)
+    source = model_uri.split("?", 1)[0] if model_uri.startswith(("http://", "https://")) else model_uri
+    request = {"model_url": _model_url(model_uri, client), "source": source}
     if name is not None:
         request["name"] = name
     headers = {"Content-Type": "application/json"}
@@ -168,12 +170,12 @@ def load(
             answer = json.loads(resp.read())
     except urllib.error.HTTPError as err:
         error = InputError if err.code in (400, 403, 413, 422) else TagflowError
-        raise error(f"endpoint at {url} refused {model_uri} (HTTP {err.code}): {_message(err.read())}") from None
+        raise error(f"endpoint at {url} refused {source} (HTTP {err.code}): {_message(err.read())}") from None
     except OSError as err:
         raise TagflowError(
-            f"endpoint at {url} did not answer the load of {model_uri}: {getattr(err, 'reason', err)}"
+            f"endpoint at {url} did not answer the load of {source}: {getattr(err, 'reason', err)}"
         ) from None
-    log.info("endpoint %s at %s now serves %s", answer["name"], url, model_uri)
+    log.info("endpoint %s at %s now serves %s", answer["name"], url, source)
     return answer
 
 

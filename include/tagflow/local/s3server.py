@@ -27,6 +27,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from tagflow import local
 from tagflow.errors import TagflowError
 from tagflow.local import process
 
@@ -80,7 +81,7 @@ class ServerInfo:
 
 
 def default_state_dir() -> Path:
-    return Path(os.environ.get("TAGFLOW_HOME", ".tagflow")).resolve() / "s3"
+    return local.home() / "s3"
 
 
 def weed_binary() -> str:

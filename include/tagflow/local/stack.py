@@ -36,6 +36,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from tagflow import local
 from tagflow.errors import InputError, TagflowError
 from tagflow.local import airflow, endpoint, process, s3server, services
 
@@ -78,7 +79,7 @@ class Stack:
 
 
 def airflow_home() -> Path:
-    return airflow.tagflow_home() / "airflow"
+    return local.home() / "airflow"
 
 
 def airflow_status(home: Path | None = None) -> AirflowInfo | None:
