@@ -396,12 +396,11 @@ def train(job: Path, hp: Hyperparameters, train_ch: Channel, val_ch: Channel, st
         raise RuntimeError("no epoch completed")
     module.set_params(*best["params"])  # type: ignore[misc]
     best_epoch = int(best["epoch"])  # type: ignore[arg-type]
-    # The saved model is the best epoch's: log its validation metrics last, so the job's final metrics (what the
-    # runner's FinalMetricDataList and a deploy gate read) describe the model in model.tar.gz, not the last epoch.
-    log.info("Saving the model of epoch %d (best validation accuracy)", best_epoch)
+    # The saved model is the best epoch's, not necessarily the last: log its validation metrics on lines of their
+    # own (the per-epoch lines stay one per epoch), so a deploy gate can judge the model in model.tar.gz.
     for name, value in best["metrics"].items():  # type: ignore[union-attr]
         if not isinstance(value, list):
-            log.info("Epoch[%d] Validation-%s=%f", best_epoch, name, value)
+            log.info("Saved-model (epoch %d) Validation-%s=%f", best_epoch, name, value)
     params_name = f"{MODEL_PREFIX}-{best_epoch + 1:04d}.params"
     save_params(module, model_dir / params_name, infer_args)
     infer.save(str(model_dir / f"{MODEL_PREFIX}-symbol.json"))

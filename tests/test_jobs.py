@@ -105,3 +105,16 @@ def test_a_batch_larger_than_a_split_is_refused_before_any_job_starts():
         jobs.training_request(cfg, small, job_name="j", image_uri=IMAGE, role_arn=ROLE)
     tuned = runconfig.resolve({"mode": "tune", "tuning_ranges": {"mini_batch_size": [16, 32]}})
     assert jobs.tuning_request(tuned, small, tuning_name="t", image_uri=IMAGE, role_arn=ROLE)
+
+
+def test_a_local_job_is_judged_by_the_model_it_saved_not_its_last_epoch():
+    describe = {
+        "TrainingJobName": "j",
+        "TrainingJobStatus": "Completed",
+        "ModelArtifacts": {"S3ModelArtifacts": "s3://b/m.tar.gz"},
+        "FinalMetricDataList": [
+            {"MetricName": "validation:accuracy", "Value": 0.71},  # the last epoch
+            {"MetricName": "saved-model:validation:accuracy", "Value": 0.74},  # the best epoch, in model.tar.gz
+        ],
+    }
+    assert jobs.candidate({"Training": describe}, "validation:accuracy")["value"] == 0.74

@@ -159,6 +159,9 @@ def test_training_job_completes_and_beats_the_label_frequency_baseline(dataset, 
     )
     final = {m["MetricName"]: m["Value"] for m in describe["FinalMetricDataList"]}
     assert final["validation:accuracy"] == pytest.approx(val_acc[-1], abs=1e-6)
+    # The saved model is the best epoch's; its values (what the deploy gate judges) are reported apart.
+    assert final["saved-model:validation:accuracy"] == pytest.approx(validation["accuracy"], abs=1e-6)
+    assert final["saved-model:validation:mAP"] == pytest.approx(validation["mAP"], abs=1e-6)
     assert {"train:accuracy", "validation:mAP", "validation:micro_f1", "validation:macro_f1"} <= set(final)
 
     # And the description is shaped like DescribeTrainingJob's response.

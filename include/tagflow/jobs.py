@@ -131,11 +131,13 @@ def training_candidate(describe: Mapping[str, Any], metric: str) -> dict[str, An
     if status != "Completed":
         raise job_failure(f"training job {name} {status}", describe.get("FailureReason", "no reason given"))
     values = {m["MetricName"]: float(m["Value"]) for m in describe.get("FinalMetricDataList", [])}
+    # The local trainer saves its best epoch and reports that model's values as saved-model:*; the built-in's final
+    # values are its last epoch's, the model it saves.
     return {
         "job": name,
         "model_data_url": describe["ModelArtifacts"]["S3ModelArtifacts"],
         "metric": metric,
-        "value": values.get(metric),
+        "value": values.get(f"saved-model:{metric}", values.get(metric)),
     }
 
 

@@ -36,6 +36,11 @@ LOCAL_METRIC_DEFINITIONS: tuple[dict[str, str], ...] = (
     {"Name": "validation:mAP", "Regex": r"Epoch\S* Validation-mAP=(\S*)"},
     {"Name": "validation:micro_f1", "Regex": r"Epoch\S* Validation-micro_f1=(\S*)"},
     {"Name": "validation:macro_f1", "Regex": r"Epoch\S* Validation-macro_f1=(\S*)"},
+    # the saved (best-epoch) model's values, logged once at the end: what the deploy gate judges
+    {"Name": "saved-model:validation:accuracy", "Regex": r"Saved-model \(epoch \d+\) Validation-accuracy=(\S*)"},
+    {"Name": "saved-model:validation:mAP", "Regex": r"Saved-model \(epoch \d+\) Validation-mAP=(\S*)"},
+    {"Name": "saved-model:validation:micro_f1", "Regex": r"Saved-model \(epoch \d+\) Validation-micro_f1=(\S*)"},
+    {"Name": "saved-model:validation:macro_f1", "Regex": r"Saved-model \(epoch \d+\) Validation-macro_f1=(\S*)"},
 )
 
 
