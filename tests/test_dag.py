@@ -115,9 +115,13 @@ def test_a_cross_field_error_fails_the_first_task_and_nothing_else_runs(airflow_
     assert "tuning_ranges: mode is tune but no range is given" in (tmp_path / "run.log").read_text()
 
 
+ENDPOINT_TOKEN = "test-endpoint-admin-token-5f1c"
+
+
 @pytest.fixture
 def local_endpoint(s3_server, tmp_path):
-    info = endpoint.start(None, name="tagflow-designs", state_dir=tmp_path / "endpoint")
+    """The endpoint service, empty, accepting model loads only with its admin token (as under docker compose)."""
+    info = endpoint.start(None, name="tagflow-designs", state_dir=tmp_path / "endpoint", token=ENDPOINT_TOKEN)
     yield info
     endpoint.stop(tmp_path / "endpoint")
 
@@ -128,7 +132,11 @@ def test_whole_dag_twice_second_run_reuses_every_shard_and_the_gate_keeps_the_be
     airflow_env, s3_server, s3_client, bucket, local_endpoint, tmp_path
 ):
     data = demo.publish(160, s3.S3Uri(bucket, "raw"), seed=5, client=s3_client, workers=1)
-    env = {**airflow_env, "AIRFLOW_VAR_TAGFLOW_ENDPOINT_URL": local_endpoint.url}
+    env = {
+        **airflow_env,
+        "AIRFLOW_VAR_TAGFLOW_ENDPOINT_URL": local_endpoint.url,
+        "AIRFLOW_VAR_TAGFLOW_ENDPOINT_TOKEN": ENDPOINT_TOKEN,
+    }
     base = {
         "list_uri": data.list_uri,
         "images_uri": data.images_uri,
@@ -167,8 +175,10 @@ def test_whole_dag_twice_second_run_reuses_every_shard_and_the_gate_keeps_the_be
         == first["results"]["evaluate_gate"]["candidate"]["model_data_url"]
     )
 
-    # The S3 keys travel only in the connection: no task log, XCom or rendered template shows them.
+    # The S3 keys travel only in the connection, the endpoint's token only in a Variable, the model's presigned URL
+    # only to the endpoint: no task log, XCom or rendered template shows any of them.
     shown = "".join(p.read_text() for p in (tmp_path / "first.log", tmp_path / "second.log"))
     shown += json.dumps(first) + json.dumps(second)
     assert first["rendered"]["prepare"]["config"]["list_uri"] == data.list_uri  # rendered fields are in there
     assert s3_server.secret_key not in shown and s3_server.access_key not in shown
+    assert ENDPOINT_TOKEN not in shown and "X-Amz-Signature" not in shown
