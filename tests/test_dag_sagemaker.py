@@ -560,20 +560,19 @@ def dataset(s3_client, bucket) -> str:
 MANIFEST = {"num_labels": 50, "counts": {"train": 540, "val": 60}, "pack_params": {"resize": 32}}
 
 
-def _training_operator(dataset: str, run_id: str):
-    from tagflow_ops.operators import TagflowSageMakerTrainingOperator
+def _job_operator(dataset: str, run_id: str, mode: str = "train"):
+    """The DAG's training (mode "train") or tuning ("tune") operator for this run's try-1 request: deferrable,
+    with the operator's defaults otherwise."""
+    from tagflow_ops.operators import TagflowSageMakerTrainingOperator, TagflowSageMakerTuningOperator
 
     bucket = s3.S3Uri.parse(dataset).bucket
-    cfg = runconfig.resolve({"bucket": bucket, "dataset_prefix": "designs", "backend": "sagemaker"})
-    request = jobs.training_request(
-        cfg,
-        MANIFEST,
-        job_name=jobs.job_names(run_id, 1)["training"],
-        image_uri=IMAGE,
-        role_arn=ROLE,
-    )
-    # As in the DAG: deferrable, with the operator's defaults otherwise.
-    return TagflowSageMakerTrainingOperator(task_id="sagemaker_train", config=request, deferrable=True)
+    cfg = runconfig.resolve({"bucket": bucket, "dataset_prefix": "designs", "backend": "sagemaker", "mode": mode})
+    names = jobs.job_names(run_id, 1)
+    if mode == "train":
+        request = jobs.training_request(cfg, MANIFEST, job_name=names["training"], image_uri=IMAGE, role_arn=ROLE)
+        return TagflowSageMakerTrainingOperator(task_id="sagemaker_train", config=request, deferrable=True)
+    request = jobs.tuning_request(cfg, MANIFEST, tuning_name=names["tuning"], image_uri=IMAGE, role_arn=ROLE)
+    return TagflowSageMakerTuningOperator(task_id="sagemaker_tune", config=request, deferrable=True)
 
 
 def _context(run_id: str, try_number: int) -> dict[str, Any]:
@@ -620,7 +619,7 @@ def test_a_failed_training_job_fails_the_task_with_sagemakers_reason(worker, mot
     moto.on_training_job = _failed
     run_id = _run_id(request)
     with pytest.raises(AirflowFailException, match=re.escape(REASON)):
-        _training_operator(dataset, run_id).execute(_context(run_id, 1))
+        _job_operator(dataset, run_id).execute(_context(run_id, 1))
     assert moto.backend.training_jobs[jobs.job_names(run_id, 1)["training"]].training_job_status == "Failed"
 
 
@@ -635,7 +634,7 @@ def test_a_job_failed_by_sagemaker_itself_is_retried(worker, moto, dataset, requ
     moto.on_training_job = fail_internally
     run_id = _run_id(request)
     with pytest.raises(AirflowException, match=re.escape(capacity)) as failed:
-        _training_operator(dataset, run_id).execute(_context(run_id, 1))
+        _job_operator(dataset, run_id).execute(_context(run_id, 1))
     assert not isinstance(failed.value, AirflowFailException)  # Airflow retries it
 
 
@@ -644,7 +643,7 @@ def test_a_job_that_fails_while_the_task_is_deferred_fails_it_with_the_reason(wo
 
     moto.on_training_job = _in_progress
     run_id = _run_id(request)
-    operator = _training_operator(dataset, run_id)
+    operator = _job_operator(dataset, run_id)
     with pytest.raises(TaskDeferred) as deferred:
         operator.execute(_context(run_id, 1))
     _set_status(moto, jobs.job_names(run_id, 1)["training"], "Failed", REASON)
@@ -668,10 +667,10 @@ def test_a_retry_waits_for_the_job_its_first_try_started(worker, moto, dataset, 
     first = jobs.job_names(run_id, 1)["training"]
     moto.on_training_job = _in_progress
     with pytest.raises(TaskDeferred):  # try 1 starts the job; then its worker dies while the task is deferred
-        _training_operator(dataset, run_id).execute(_context(run_id, 1))
+        _job_operator(dataset, run_id).execute(_context(run_id, 1))
     since = len(moto.requests)
 
-    retry = _training_operator(dataset, run_id)
+    retry = _job_operator(dataset, run_id)
     with pytest.raises(TaskDeferred) as deferred:
         retry.execute(_context(run_id, 2))
     assert deferred.value.trigger.job_name == first
@@ -688,9 +687,9 @@ def test_a_retry_waits_for_the_job_its_first_try_started(worker, moto, dataset, 
 def test_a_retry_after_a_completed_job_returns_it_without_starting_another(worker, moto, dataset, request):
     run_id = _run_id(request)
     moto.on_training_job = reports_metrics(validation_accuracy=0.7)
-    first = _training_operator(dataset, run_id).execute(_context(run_id, 1))
+    first = _job_operator(dataset, run_id).execute(_context(run_id, 1))
     since = len(moto.requests)
-    again = _training_operator(dataset, run_id).execute(_context(run_id, 2))
+    again = _job_operator(dataset, run_id).execute(_context(run_id, 2))
     assert moto.sent("CreateTrainingJob", since) == []
     assert again["Training"]["TrainingJobName"] == first["Training"]["TrainingJobName"]
     assert _jobs(moto, run_id) == [jobs.job_names(run_id, 1)["training"]]
@@ -702,30 +701,15 @@ def test_a_retry_after_a_failed_job_starts_a_new_differently_named_one(worker, m
     run_id = _run_id(request)
     moto.on_training_job = _failed
     with pytest.raises(AirflowException, match=re.escape(REASON)):
-        _training_operator(dataset, run_id).execute(_context(run_id, 1))
+        _job_operator(dataset, run_id).execute(_context(run_id, 1))
     moto.on_training_job = reports_metrics(validation_accuracy=0.7)
     since = len(moto.requests)
-    result = _training_operator(dataset, run_id).execute(_context(run_id, 2))
+    result = _job_operator(dataset, run_id).execute(_context(run_id, 2))
     second = jobs.job_names(run_id, 2)["training"]
     assert [p["TrainingJobName"] for p in moto.sent("CreateTrainingJob", since)] == [second]
     assert result["Training"]["TrainingJobName"] == second
     assert _jobs(moto, run_id) == sorted([jobs.job_names(run_id, 1)["training"], second])
     _all_valid(moto.requests[since:])
-
-
-def _tuning_operator(dataset: str, run_id: str):
-    from tagflow_ops.operators import TagflowSageMakerTuningOperator
-
-    bucket = s3.S3Uri.parse(dataset).bucket
-    cfg = runconfig.resolve({"bucket": bucket, "dataset_prefix": "designs", "backend": "sagemaker", "mode": "tune"})
-    request = jobs.tuning_request(
-        cfg,
-        MANIFEST,
-        tuning_name=jobs.job_names(run_id, 1)["tuning"],
-        image_uri=IMAGE,
-        role_arn=ROLE,
-    )
-    return TagflowSageMakerTuningOperator(task_id="sagemaker_tune", config=request, deferrable=True)
 
 
 @pytest.mark.timeout(120)  # waiting on the worker instead would poll until the job ends
@@ -736,10 +720,10 @@ def test_a_tuning_retry_defers_on_the_job_its_first_try_started(worker, moto, da
     first = jobs.job_names(run_id, 1)["tuning"]
     moto.on_tuning_job = lambda job: setattr(job, "hyper_parameter_tuning_job_status", "InProgress")
     with pytest.raises(TaskDeferred):
-        _tuning_operator(dataset, run_id).execute(_context(run_id, 1))
+        _job_operator(dataset, run_id, "tune").execute(_context(run_id, 1))
     since = len(moto.requests)
 
-    retry = _tuning_operator(dataset, run_id)
+    retry = _job_operator(dataset, run_id, "tune")
     with pytest.raises(TaskDeferred) as deferred:  # waits in the triggerer, not on the worker
         retry.execute(_context(run_id, 2))
     assert deferred.value.trigger.job_name == first

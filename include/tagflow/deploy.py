@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -62,18 +62,25 @@ def tagged_value(tags: Sequence[Mapping[str, str]], metric: str) -> float | None
         return None
 
 
-def sagemaker_serving_value(sagemaker, endpoint_name: str, metric: str) -> float | None:
-    """The objective recorded on the endpoint config `endpoint_name` serves now; None if there is no such endpoint
-    or its config was not made by tagflow for this metric. `sagemaker` is a boto3 SageMaker client."""
+def described(describe: Callable[[str], dict[str, Any]], name: str) -> dict[str, Any] | None:
+    """`describe(name)` (a SageMaker Describe* call), or None when there is no such resource: SageMaker answers
+    ValidationException ("Could not find endpoint …", "Requested resource not found") for a missing name."""
     from botocore.exceptions import ClientError
 
     try:
-        current = sagemaker.describe_endpoint(EndpointName=endpoint_name)
+        return describe(name)
     except ClientError as err:
-        # DescribeEndpoint answers ValidationException "Could not find endpoint ..." for a missing endpoint
-        if err.response.get("Error", {}).get("Code") == "ValidationException" and "Could not find" in str(err):
+        if err.response.get("Error", {}).get("Code") in ("ValidationException", "ResourceNotFound"):
             return None
         raise
+
+
+def sagemaker_serving_value(sagemaker, endpoint_name: str, metric: str) -> float | None:
+    """The objective recorded on the endpoint config `endpoint_name` serves now; None if there is no such endpoint
+    or its config was not made by tagflow for this metric. `sagemaker` is a boto3 SageMaker client."""
+    current = described(lambda name: sagemaker.describe_endpoint(EndpointName=name), endpoint_name)
+    if current is None:
+        return None
     config = sagemaker.describe_endpoint_config(EndpointConfigName=current["EndpointConfigName"])
     return tagged_value(sagemaker.list_tags(ResourceArn=config["EndpointConfigArn"]).get("Tags", []), metric)
 

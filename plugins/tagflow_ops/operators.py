@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path
@@ -340,23 +340,15 @@ class _AdoptingJobMixin:
     def _execute(self, context: Context) -> dict:
         raise NotImplementedError
 
-    def _describe(self, name: str) -> dict[str, Any] | None:
-        from botocore.exceptions import ClientError
-
-        describe = self.hook.describe_training_job if self.kind == "training" else self.hook.describe_tuning_job
-        try:
-            return describe(name)
-        except ClientError as err:
-            if err.response.get("Error", {}).get("Code") in ("ValidationException", "ResourceNotFound"):
-                return None
-            raise
-
     def _choose(self, context: Context) -> tuple[str, dict[str, Any] | None]:
         from tagflow import jobs
 
         run_id, try_number = _run_id(context), context["ti"].try_number
         earlier = [jobs.job_names(run_id, t)[self.kind] for t in range(1, try_number)]
-        found = [(name, self._describe(name)) for name in earlier]
+        from tagflow.deploy import described
+
+        describe = self.hook.describe_training_job if self.kind == "training" else self.hook.describe_tuning_job
+        found = [(name, described(describe, name)) for name in earlier]
         adopted = jobs.adoptable([(name, d[self.status_field]) for name, d in found if d is not None])
         if adopted:
             return adopted, dict(found)[adopted]
@@ -426,25 +418,14 @@ class TagflowSageMakerTuningOperator(_AdoptingJobMixin, SageMakerTuningOperator)
         return {"Tuning": serialize(self.hook.describe_tuning_job(name))}
 
 
-def _described(describe: Callable[[str], dict[str, Any]], name: str) -> dict[str, Any] | None:
-    """`describe(name)`, or None when SageMaker says there is no such resource."""
-    from botocore.exceptions import ClientError
-
-    try:
-        return describe(name)
-    except ClientError as err:
-        if err.response.get("Error", {}).get("Code") == "ValidationException" and "Could not find" in str(err):
-            return None
-        raise
-
-
 class TagflowSageMakerModelOperator(SageMakerModelOperator):
     """The provider's SageMakerModelOperator; a retry finds the model an earlier try created (same name per run)
     and uses it instead of failing on "already existing"."""
 
     def execute(self, context: Context) -> dict:
+        from tagflow.deploy import described
 
-        existing = _described(self.hook.describe_model, self.config["ModelName"])
+        existing = described(self.hook.describe_model, self.config["ModelName"])
         if existing is None:
             return super().execute(context)
         self.log.info("model %s exists (an earlier try created it): using it", self.config["ModelName"])
@@ -457,11 +438,13 @@ class TagflowSageMakerEndpointOperator(SageMakerEndpointOperator):
     config is only waited for — and strict: it fails unless the endpoint ends up serving the new config."""
 
     def execute(self, context: Context) -> dict:
+        from tagflow.deploy import described
+
         config_name = self.config["Endpoint"]["EndpointConfigName"]
-        if _described(self.hook.describe_endpoint_config, config_name) is not None:
+        if described(self.hook.describe_endpoint_config, config_name) is not None:
             self.log.info("endpoint config %s exists (an earlier try created it)", config_name)
             self.config.pop("EndpointConfig", None)
-        current = _described(self.hook.describe_endpoint, self.config["Endpoint"]["EndpointName"])
+        current = described(self.hook.describe_endpoint, self.config["Endpoint"]["EndpointName"])
         if current is not None and current["EndpointConfigName"] == config_name:
             self.log.info("endpoint already on %s (%s)", config_name, current["EndpointStatus"])
             if current["EndpointStatus"] not in ("InService", "Failed"):
