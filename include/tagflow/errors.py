@@ -49,3 +49,15 @@ def check_bad_fraction(errors: list[dict[str, str]], total: int, limit: float, w
         f"{len(errors)} of {total} {what} ({len(errors) / total:.2%}) could not be used, above the allowed "
         f"{limit:.2%}:\n{shown}{more}"
     )
+
+
+QUOTE_LIMIT = 200
+
+
+def quote(value: object, limit: int = QUOTE_LIMIT) -> str:
+    """`repr(value)` for a message, cut to `limit` characters with the full length said: a message never echoes
+    unbounded input (a 10 MB path is shown as its first 200 characters and "(10000000 characters)")."""
+    text = value if isinstance(value, str) else str(value)
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} characters)"
