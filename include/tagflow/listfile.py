@@ -6,12 +6,17 @@ Seed format, one line per image, no header::
 
 `ID` is a non-negative integer (at most 2**63-1), each `l` is `0` or `1`, `PATH` is `s3://bucket/key` or a key
 relative to a source prefix (a leading `/` is tolerated and dropped). Fields are separated by tabs when a line has
-any tab (so a path may contain spaces), otherwise by runs of spaces; whitespace around a field is ignored, as
-MXNet's im2rec does. CRLF line ends, a trailing newline and a UTF-8 byte-order mark are tolerated. A path may not
-contain control characters (tab, CR, ...), which no list format here could carry.
+any tab (so a path may contain spaces), otherwise by runs of spaces; ASCII spaces around a field are ignored, as
+MXNet's im2rec does. CRLF line ends, a trailing newline and a UTF-8 byte-order mark at the file's start are
+tolerated. Nothing else is stripped: a field that starts or ends with other whitespace (U+00A0 NO-BREAK SPACE,
+U+3000, U+FEFF, U+2028, ...) is refused with its code point, since stripping it would name a different S3 object
+and keeping it is almost always a copy-paste accident. A path may not contain control characters (tab, CR, ...),
+which no list format here could carry, and is at most 1024 bytes (S3's key limit).
 
 Every problem is collected as `LIST:LINE: what is wrong` (LINE 1-based) and raised together as `ListFileError`;
-parsing never raises anything else on bad bytes.
+parsing never raises anything else on bad bytes. Quoted values are cut (`tagflow.errors.quote`). What is valid but
+probably a mistake (images without a label, labels no image carries, one path under several IDs) is not an error:
+`list_warnings` counts it.
 
 Speed (the seed lists are 155,000 lines x 334 labels, 109 MB; goal 0.5 s): a fast path takes the well-formed
 lines in bulk with numpy, never touching a line in Python: find the newlines, read each ID from a small window at
@@ -32,13 +37,15 @@ import logging
 import os
 import re
 import tempfile
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from tagflow.errors import InputError, ListFileError
+from tagflow.errors import InputError, ListFileError, quote
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +54,15 @@ _BLOCK_BYTES = 1 << 18  # bulk steps work through buffers of this size (cache-si
 _MAX_FAST_ID_DIGITS = 18  # any 18-digit number fits in int64; longer IDs take the checked path
 _BOM = b"\xef\xbb\xbf"
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+MAX_KEY_BYTES = 1024  # S3's limit on an object key (UTF-8)
+# Whitespace beyond the ASCII separators: every non-ASCII character str.isspace() accepts (tests check the list),
+# and the invisible ones that are not Unicode whitespace but read as nothing (U+180E, U+200B, U+2060, U+FEFF).
+_OTHER_SPACE = frozenset(
+    "\x85\xa0\u1680\u180e\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a\u200b"
+    "\u2028\u2029\u202f\u205f\u2060\u3000\ufeff"
+)
+_OTHER_SPACE_RE = re.compile("[" + "".join(sorted(_OTHER_SPACE)) + "]")
+_NOT_A_SEPARATOR = "only ASCII spaces and tabs separate fields"
 
 
 @dataclass(frozen=True, eq=False)
@@ -58,6 +74,7 @@ class ListFile:
     labels: np.ndarray  # uint8 0/1, shape (n, num_labels)
     paths: list[str]  # normalized: leading '/' dropped from relative keys; s3:// URIs as written
     sha256: str  # of the raw bytes parsed
+    lines: np.ndarray | None = None  # int64 1-based line of each row in the file; None if rows come from several
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -80,11 +97,15 @@ class ListFile:
             labels=self.labels[order],
             paths=[self.paths[i] for i in order.tolist()],
             sha256=self.sha256,
+            lines=None if self.lines is None else self.lines[order],
         )
 
     def subset(self, start: int, stop: int) -> ListFile:
         """Rows [start, stop), e.g. one shard of a plan (arrays are views, not copies)."""
-        return ListFile(self.name, self.ids[start:stop], self.labels[start:stop], self.paths[start:stop], self.sha256)
+        lines = None if self.lines is None else self.lines[start:stop]
+        return ListFile(
+            self.name, self.ids[start:stop], self.labels[start:stop], self.paths[start:stop], self.sha256, lines
+        )
 
     def label_counts(self) -> np.ndarray:
         """How many images carry each label (int64, one entry per column)."""
@@ -235,7 +256,8 @@ def _parse(data: bytes, num_labels: int, name: str, *, fast: bool = True) -> Lis
     if errors:
         errors.sort(key=lambda e: e[0])  # stable: a line's own messages keep their column order
         raise ListFileError([f"{name}:{row + 1}: {msg}" for row, msg in errors])
-    return ListFile(name=name, ids=ids, labels=labels, paths=paths, sha256=digest)
+    # Every line is a row (an empty line is an error), so row r is line r + 1.
+    return ListFile(name=name, ids=ids, labels=labels, paths=paths, sha256=digest, lines=np.arange(1, len(ids) + 1))
 
 
 def _fast(
@@ -268,7 +290,7 @@ def _fast(
     # Labels: gather each line's fixed-width section "l<sep>...l<sep>" block by block; check it as byte pairs.
     first = starts + pos + 1
     path_start = first + width
-    ok &= path_start < ends
+    ok &= (path_start < ends) & (ends - path_start <= MAX_KEY_BYTES)  # longer: the reference parser measures the key
     source = np.where(ok, first, 0)
     sections = sliding_window_view(arr, width)
     pair = ord("1") | (sep[0] << 8)  # little-endian uint16 of b"1<sep>"; x | 1 == pair iff x is b"0<sep>"/b"1<sep>"
@@ -334,10 +356,9 @@ def _path_ok(raw: bytes, sep: bytes) -> bool:
         path = raw.decode("utf-8")
     except UnicodeDecodeError:
         return False
-    if not path or path != path.strip() or _CONTROL.search(path) or (sep == b" " and " " in path):
+    if path != path.strip(" ") or (sep == b" " and " " in path):
         return False
-    norm = path.lstrip("/")
-    return bool(norm) and not (norm.startswith("s3:") and _s3_problem(norm))
+    return _path_problem(path) is None
 
 
 def _s3_problem(path: str) -> str | None:
@@ -350,8 +371,66 @@ def _s3_problem(path: str) -> str | None:
     return None
 
 
-def _show(value: str, limit: int = 40) -> str:
-    return repr(value if len(value) <= limit else value[:limit] + "...")
+def _code_point(ch: str) -> str:
+    """`U+00A0 (NO-BREAK SPACE)`: how messages name a character a person cannot see."""
+    name = unicodedata.name(ch, None) or {"\x85": "NEXT LINE"}.get(ch)
+    return f"U+{ord(ch):04X}" + (f" ({name})" if name else "")
+
+
+def _edge_space(value: str) -> str | None:
+    """`starts with U+00A0 (NO-BREAK SPACE)` if `value` begins or ends with whitespace other than ASCII space/tab."""
+    if value[:1] in _OTHER_SPACE:
+        return f"starts with {_code_point(value[0])}"
+    if value[-1:] in _OTHER_SPACE:
+        return f"ends with {_code_point(value[-1])}"
+    return None
+
+
+def _foreign_space(text: str) -> str | None:
+    """A hint naming the first non-ASCII whitespace in `text`, which a reader may take for a separator."""
+    found = _OTHER_SPACE_RE.search(text)
+    return (
+        None if found is None else f"{_code_point(found.group())} in the line is not a separator ({_NOT_A_SEPARATOR})"
+    )
+
+
+def _path_problem(path: str) -> str | None:
+    """Why `path`, a list line's last field without its surrounding ASCII spaces, is not a usable path, or None."""
+    if not path:
+        return "missing path (the last field is empty)"
+    if edge := _edge_space(path):
+        return f"path {quote(path)} {edge}; {_NOT_A_SEPARATOR}"
+    if control := _CONTROL.search(path):
+        return f"path {quote(path)} contains control character 0x{ord(control.group()):02x}"
+    norm = path.lstrip("/")
+    if not norm:
+        return f"path {quote(path)} names no file"
+    if norm.startswith("s3:") and (problem := _s3_problem(norm)):
+        return f"path {quote(path)} is not a valid S3 URI ({problem})"
+    key = norm[len("s3://") :].partition("/")[2] if norm.startswith("s3://") else norm
+    if len(key) * 4 > MAX_KEY_BYTES and (size := len(key.encode("utf-8"))) > MAX_KEY_BYTES:
+        return f"path {quote(path)} is longer than an S3 key may be ({size} bytes, at most {MAX_KEY_BYTES})"
+    return None
+
+
+def _empty_fields(fields: list[str]) -> str | None:
+    """What is empty on a tab-separated line whose field count is wrong (a stray tab), or None."""
+    empty = [col for col, f in enumerate(fields, start=1) if not f]
+    if not empty:
+        return None
+    said = []
+    if empty[0] == 1:
+        said.append("the line starts with an empty field (a tab before the ID)")
+    middle = [col for col in empty if 1 < col < len(fields)]
+    if middle:
+        shown = ", ".join(map(str, middle[:5])) + (f" and {len(middle) - 5} more" if len(middle) > 5 else "")
+        said.append(
+            f"column{'s' if len(middle) > 1 else ''} {shown} {'are' if len(middle) > 1 else 'is'} empty "
+            "(nothing between two tabs)"
+        )
+    if empty[-1] == len(fields):
+        said.append("the line ends with an empty field (a tab after the path)")
+    return "; ".join(said)
 
 
 def _parse_line(
@@ -369,62 +448,68 @@ def _parse_line(
     except UnicodeDecodeError as exc:
         offset = line_offset + exc.start
         return None, None, None, [f"not valid UTF-8: byte 0x{raw[exc.start]:02x} at byte offset {offset} of the file"]
-    if not text.strip():
+    if not text.strip(" \t"):
         return None, None, None, [f"empty line (expected ID, {num_labels} label values, path)"]
     tabbed = "\t" in text
-    if tabbed:
-        fields = [f.strip() for f in text.split("\t")]
-    else:
-        fields = [f.strip() for f in text.split(" ")]
-        fields = [f for f in fields if f]
+    fields = [f.strip(" ") for f in text.split("\t")] if tabbed else [f for f in text.split(" ") if f]
+
+    # The field count first: a stray tab explains an empty ID better than "missing ID" does.
+    shape: str | None = None
+    rest = fields[1:]
+    if len(rest) != num_labels + 1:
+        if not rest:
+            shape = f"nothing after the ID (expected {num_labels} label values, then a path)"
+        elif len(rest) == num_labels and all(v in ("0", "1") for v in rest):
+            shape = f"missing path after the {num_labels} label values"
+        elif tabbed and (empty := _empty_fields(fields)):
+            shape = (
+                f"{empty}: expected {num_labels + 2} tab-separated fields (ID, {num_labels} label values, path), "
+                f"found {len(fields)}"
+            )
+        else:
+            found = len(rest) - 1
+            hint = " (a path containing spaces needs tab-separated fields)" if not tabbed and found > num_labels else ""
+            if foreign := _foreign_space(text):
+                hint += f"; {foreign}"
+            shape = f"expected {num_labels} label values, found {found}{hint}"
 
     errors: list[str] = []
     id_text = fields[0]
     value: int | None = None
     if id_text.isascii() and id_text.isdigit() and len(id_text.lstrip("0")) <= 19 and int(id_text) <= MAX_ID:
         value = int(id_text)  # (length first: int() refuses strings over 4,300 digits)
+    elif edge := _edge_space(id_text):
+        errors.append(f"ID {quote(id_text)} {edge}; {_NOT_A_SEPARATOR}")
     elif id_text.isascii() and id_text.isdigit():
-        errors.append(f"ID {_show(id_text)} is too large (at most {MAX_ID})")
+        errors.append(f"ID {quote(id_text)} is too large (at most {MAX_ID})")
     elif id_text.startswith("-") and id_text[1:].isascii() and id_text[1:].isdigit():
-        errors.append(f"ID {_show(id_text)} is negative (expected an integer >= 0)")
+        errors.append(f"ID {quote(id_text)} is negative (expected an integer >= 0)")
     elif not id_text:
-        errors.append("missing ID (expected an integer >= 0 as the first field)")
+        if not (shape and shape.startswith("the line starts with an empty field")):
+            errors.append("missing ID (expected an integer >= 0 as the first field)")
     else:
-        errors.append(f"ID {_show(id_text)} is not an integer")
-
-    rest = fields[1:]
-    if len(rest) != num_labels + 1:
-        if not rest:
-            errors.append(f"nothing after the ID (expected {num_labels} label values, then a path)")
-        elif len(rest) == num_labels and all(v in ("0", "1") for v in rest):
-            errors.append(f"missing path after the {num_labels} label values")
-        else:
-            found = len(rest) - 1
-            hint = " (a path containing spaces needs tab-separated fields)" if not tabbed and found > num_labels else ""
-            errors.append(f"expected {num_labels} label values, found {found}{hint}")
-        return value, None, None, errors
+        errors.append(f"ID {quote(id_text)} is not an integer")
+    if shape:
+        return value, None, None, [*errors, shape]
 
     values = rest[:num_labels]
     bad = [(col, v) for col, v in enumerate(values, start=2) if v not in ("0", "1")]
     if bad:
         col, v = bad[0]
         more = f" (and {len(bad) - 1} more on this line)" if len(bad) > 1 else ""
-        errors.append(f"column {col}: label value {_show(v)} is not 0 or 1{more}")
+        if not v:
+            errors.append(f"column {col} is empty (expected a label value 0 or 1){more}")
+        elif edge := _edge_space(v):
+            errors.append(f"column {col}: label value {quote(v)} {edge}; {_NOT_A_SEPARATOR}{more}")
+        else:
+            errors.append(f"column {col}: label value {quote(v)} is not 0 or 1{more}")
 
     path = rest[num_labels]
-    control = _CONTROL.search(path)
-    norm = path.lstrip("/")
-    if not path:
-        errors.append("missing path (the last field is empty)")
-    elif control:
-        errors.append(f"path {_show(path)} contains control character 0x{ord(control.group()):02x}")
-    elif not norm:
-        errors.append(f"path {_show(path)} names no file")
-    elif norm.startswith("s3:") and (problem := _s3_problem(norm)):
-        errors.append(f"path {_show(path)} is not a valid S3 URI ({problem})")
+    if problem := _path_problem(path):
+        errors.append(problem)
     if errors:
         return value, None, None, errors
-    return value, np.array([v == "1" for v in values], np.uint8), norm, []
+    return value, np.array([v == "1" for v in values], np.uint8), path.lstrip("/"), []
 
 
 def _duplicates(ids: np.ndarray, rows: np.ndarray | None) -> list[tuple[int, str]]:
@@ -447,6 +532,138 @@ def _duplicates(ids: np.ndarray, rows: np.ndarray | None) -> list[tuple[int, str
             first = k - 1
         errors.append((line_of(order[k]), f"duplicate ID {ordered[k]} (first on line {line_of(order[first]) + 1})"))
     return errors
+
+
+# ------------------------------------------------------------------------------------------------ warnings
+
+MAX_EXAMPLES = 5
+
+
+@dataclass(frozen=True)
+class ListWarnings:
+    """What a valid list holds that is probably a mistake: counts, and a few examples to find them by.
+
+    `examples` name images by ID and, when the list knows them, file line (`ListFile.lines`).
+    """
+
+    name: str
+    images: int
+    num_labels: int
+    images_without_labels: int  # every label value 0
+    unlabeled_examples: list[dict[str, Any]]  # {"id", "line"?}
+    labels_without_images: list[str]  # names of the labels no image carries, in column order
+    label_columns: list[int]  # their 1-based columns in the list file (label k is column k + 2)
+    paths_under_several_ids: int  # distinct paths listed more than once
+    shared_path_examples: list[dict[str, Any]]  # {"path", "ids", "lines"?, "count"}
+
+    def counts(self) -> dict[str, int]:
+        """The figures a manifest records."""
+        return {
+            "images_without_labels": self.images_without_labels,
+            "labels_without_images": len(self.labels_without_images),
+            "paths_under_several_ids": self.paths_under_several_ids,
+        }
+
+    def __bool__(self) -> bool:
+        return any(self.counts().values())
+
+    def to_dict(self) -> dict[str, Any]:
+        """Counts and examples, JSON-ready (the CLI's `--json` summary)."""
+        return {
+            **self.counts(),
+            "unlabeled_examples": self.unlabeled_examples,
+            "labels_without_images_names": self.labels_without_images,
+            "shared_path_examples": self.shared_path_examples,
+        }
+
+    def messages(self) -> list[str]:
+        """One `LIST: what looks wrong, e.g. where` sentence per kind of warning (quoted values cut)."""
+        out = []
+        if n := self.images_without_labels:
+            where = ", ".join(_where(e) for e in self.unlabeled_examples)
+            head = (
+                f"none of the {self.images} images has a label (every value is 0)"
+                if n == self.images
+                else f"{n} of {self.images} images have no label (every value is 0)"
+            )
+            out.append(f"{self.name}: {head}, e.g. {where}")
+        if unused := self.labels_without_images:
+            shown = ", ".join(
+                f"{quote(n)} (column {c})" for n, c in zip(unused[:10], self.label_columns[:10], strict=True)
+            )
+            more = f" and {len(unused) - 10} more" if len(unused) > 10 else ""
+            out.append(f"{self.name}: {len(unused)} of {self.num_labels} labels are carried by no image: {shown}{more}")
+        if n := self.paths_under_several_ids:
+            shown = "; ".join(
+                f"{quote(e['path'])} under {' and '.join(_where(x) for x in _rows_of(e))}"
+                + (f" and {e['count'] - len(e['ids'])} more" if e["count"] > len(e["ids"]) else "")
+                for e in self.shared_path_examples
+            )
+            out.append(
+                f"{self.name}: {n} path{'s are' if n > 1 else ' is'} listed under several IDs (each ID packs the "
+                f"same image again), e.g. {shown}"
+            )
+        return out
+
+    def log(self) -> None:
+        """Each message at WARNING level (the DAG's task log)."""
+        for message in self.messages():
+            log.warning("%s", message)
+
+
+def _where(example: dict[str, Any]) -> str:
+    return f"ID {example['id']}" + (f" (line {example['line']})" if "line" in example else "")
+
+
+def _rows_of(example: dict[str, Any]) -> list[dict[str, Any]]:
+    lines = example.get("lines") or [None] * len(example["ids"])
+    return [{"id": i, **({"line": line} if line else {})} for i, line in zip(example["ids"], lines, strict=True)]
+
+
+def list_warnings(lf: ListFile, label_names: list[str] | None = None) -> ListWarnings:
+    """Count what `lf` holds that is valid but probably a mistake (vectorized; ~35 ms at 155,000 x 334).
+
+    `label_names` names the columns in messages (default `label_0`...). Call it once per list, for example right
+    after parsing; `manifest.build` records its `counts()`.
+    """
+    names = label_names or default_label_names(lf.num_labels)
+    if len(names) != lf.num_labels:
+        raise ValueError(f"{len(names)} label names for a list of {lf.num_labels} labels")
+    n = len(lf)
+
+    def example(row: int) -> dict[str, Any]:
+        return {"id": int(lf.ids[row]), **({"line": int(lf.lines[row])} if lf.lines is not None else {})}
+
+    # max over uint8 rows and columns is the cheapest "any" numpy has here (no bool temporaries).
+    unlabeled = np.flatnonzero(lf.labels.max(axis=1) == 0) if n else np.zeros(0, np.int64)
+    carried = lf.labels.max(axis=0) if n else np.zeros(lf.num_labels, np.uint8)
+    unused = np.flatnonzero(carried == 0).tolist()
+
+    shared: list[tuple[str, list[int]]] = []
+    if len(set(lf.paths)) != n:  # the common case costs one set; the rows are gathered only if a path repeats
+        rows_of: dict[str, list[int]] = {}
+        for row, p in enumerate(lf.paths):
+            rows_of.setdefault(p, []).append(row)
+        shared = [(p, rows) for p, rows in rows_of.items() if len(rows) > 1]
+    shared_examples = []
+    for p, rows in shared[:MAX_EXAMPLES]:
+        shown = rows[:MAX_EXAMPLES]
+        entry: dict[str, Any] = {"path": p, "ids": [int(lf.ids[r]) for r in shown], "count": len(rows)}
+        if lf.lines is not None:
+            entry["lines"] = [int(lf.lines[r]) for r in shown]
+        shared_examples.append(entry)
+
+    return ListWarnings(
+        name=lf.name,
+        images=n,
+        num_labels=lf.num_labels,
+        images_without_labels=len(unlabeled),
+        unlabeled_examples=[example(r) for r in unlabeled[:MAX_EXAMPLES].tolist()],
+        labels_without_images=[names[k] for k in unused],
+        label_columns=[k + 2 for k in unused],
+        paths_under_several_ids=len(shared),
+        shared_path_examples=shared_examples,
+    )
 
 
 # ------------------------------------------------------------------------------------------ label names, writing
@@ -475,16 +692,20 @@ def read_label_names(path: Path, num_labels: int) -> list[str]:
     errors, names, seen = [], [], {}
     for i, raw in enumerate(lines, start=1):
         try:
-            name = raw.decode("utf-8").strip()
+            name = raw.removesuffix(b"\r").decode("utf-8").strip(" \t")  # as list fields: only ASCII space and tab
         except UnicodeDecodeError as exc:
             errors.append(f"{path}:{i}: not valid UTF-8 (byte 0x{raw[exc.start]:02x})")
             continue
         if not name:
             errors.append(f"{path}:{i}: empty label name")
+        elif edge := _edge_space(name):
+            errors.append(
+                f"{path}:{i}: label name {quote(name)} {edge}; only ASCII spaces and tabs may surround a name"
+            )
         elif _CONTROL.search(name):
-            errors.append(f"{path}:{i}: label name {_show(name)} contains a control character")
+            errors.append(f"{path}:{i}: label name {quote(name)} contains a control character")
         elif name in seen:
-            errors.append(f"{path}:{i}: duplicate label name {_show(name)} (first on line {seen[name]})")
+            errors.append(f"{path}:{i}: duplicate label name {quote(name)} (first on line {seen[name]})")
         else:
             seen[name] = i
         names.append(name)
@@ -498,16 +719,18 @@ def read_label_names(path: Path, num_labels: int) -> list[str]:
 def write_list(lf: ListFile, path: Path, *, paths: list[str] | None = None) -> None:
     """Write the normalized list `ID<TAB>l1<TAB>...<TAB>lN<TAB>PATH<LF>` atomically (temp file, then rename).
 
-    `paths` replaces the list's paths (for example local files for im2rec); they must not contain control
-    characters or surrounding whitespace, which the format cannot carry.
+    `paths` replaces the list's paths (for example local files for im2rec); each must read back as itself, so
+    none may be empty, start or end with a space or other whitespace, contain a control character or exceed an S3
+    key's length.
     """
     path = Path(path)
     out_paths = lf.paths if paths is None else paths
     if len(out_paths) != len(lf):
         raise ValueError(f"{len(out_paths)} paths given for a list of {len(lf)} images")
     for p in out_paths:
-        if not p or p != p.strip() or _CONTROL.search(p):
-            raise ValueError(f"path {_show(p)} cannot be written to a list file (empty, whitespace or control char)")
+        problem = f"path {quote(p)} starts or ends with a space" if p != p.strip(" ") else _path_problem(p)
+        if problem:
+            raise ValueError(f"cannot be written to a list file: {problem}")
     cells = np.full((len(lf), 2 * lf.num_labels), ord("\t"), np.uint8)
     cells[:, ::2] = lf.labels + ord("0")
     width = cells.shape[1]
