@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -13,7 +20,7 @@ import pytest
 from PIL import Image
 
 from tagflow import s3
-from tagflow.download import INDEX_NAME, LOCK_NAME, TMP_PREFIX, DownloadFailed, download
+from tagflow.download import INDEX_NAME, JOURNAL_DIR, LOCK_NAME, TMP_PREFIX, DownloadFailed, download
 from tagflow.errors import InputError, TooManyFailures
 from tagflow.local import s3server
 from tagflow.paths import local_path, local_relpath
@@ -124,7 +131,7 @@ def test_too_many_failures_says_which_and_why(s3_client, bucket, tmp_path):
     assert isinstance(caught.value, TooManyFailures)
     assert str(caught.value).splitlines() == [
         "3 of 15 objects failed (20.00%), more than the allowed 10.00%:",
-        *(f"  gone-{c}.jpg: no such key in S3 (not in the listing of the source prefix)" for c in "abc"),
+        *(f"  'gone-{c}.jpg': no such key in S3 (not in the listing of the source prefix)" for c in "abc"),
     ]
     # At exactly the threshold the run passes; what the failed run wrote is kept and not fetched again.
     report = download(paths, tmp_path, source=source, workers=2, max_bad_fraction=0.2)
@@ -142,7 +149,7 @@ def test_failure_message_lists_the_first_twenty(bucket, tmp_path):
     lines = str(caught.value).splitlines()
     assert lines[0] == "25 of 25 objects failed (100.00%), more than the allowed 99.00%:"
     assert lines[1:21] == [
-        f"  absent-{n:02}.jpg: no such key in S3 (not in the listing of the source prefix)" for n in range(20)
+        f"  'absent-{n:02}.jpg': no such key in S3 (not in the listing of the source prefix)" for n in range(20)
     ]
     assert lines[21:] == ["  ... and 5 more"]
 
@@ -222,8 +229,8 @@ def test_unusable_and_clashing_list_paths_are_recorded(s3_client, bucket, tmp_pa
     assert errors[0] == {
         "path": f"s3://{bucket}/x.jpg",
         "uri": f"s3://{bucket}/x.jpg",
-        "reason": f"would be stored at {bucket}/x.jpg, which list path '{bucket}/x.jpg' "
-        f"(s3://{bucket}/{bucket}/x.jpg) already uses",
+        "reason": f"would be stored at '{bucket}/x.jpg', which list path '{bucket}/x.jpg' "
+        f"('s3://{bucket}/{bucket}/x.jpg') already uses",
     }
     assert (errors[1]["path"], errors[1]["uri"]) == (long_name, "")
     assert "longer than 255 bytes" in errors[1]["reason"]
@@ -251,8 +258,8 @@ def test_a_key_and_a_folder_of_the_same_name_clash_cleanly(s3_client, bucket, tm
     report = download(order, tmp_path, source=s3.S3Uri(bucket, ""), workers=1, max_bad_fraction=1)
 
     reason = {
-        "a": "cannot write a: a folder of that name holds other objects",
-        "a/b.jpg": "cannot write a/b.jpg: a file stands where a folder of its path should be",
+        "a": "cannot write 'a': a folder of that name holds other objects",
+        "a/b.jpg": "cannot write 'a/b.jpg': a file stands where a folder of its path should be",
     }[order[1]]
     assert [(e.path, e.reason) for e in report.errors] == [(order[1], reason)]
     assert local_path(tmp_path, order[0]).read_bytes() == jpeg(1 if order[0] == "a" else 2)
@@ -364,3 +371,209 @@ def _client(info: s3server.ServerInfo, attempts: int = 5):
         aws_access_key_id=info.access_key, aws_secret_access_key=info.secret_key, region_name=info.region
     )
     return s3.make_client(info.endpoint, session=session, max_attempts=attempts, connect_timeout=1, read_timeout=5)
+
+
+# --- a killed run resumes; the destination folder's faults are one message -----------------------------------
+
+DOWNLOAD_IN_CHILD = textwrap.dedent(
+    """
+    import json, sys
+    from pathlib import Path
+    from tagflow import s3
+    from tagflow.download import download
+
+    bucket, prefix, dest, paths = json.loads(sys.stdin.read())
+    report = download(paths, Path(dest), source=s3.S3Uri(bucket, prefix), workers=8)
+    print(json.dumps(report.to_dict()))
+    """
+)
+
+
+def landed(dest: Path) -> set[str]:
+    """Image files in place (not the downloader's own `%` files)."""
+    return {name for name in files_under(dest) if not any(part.startswith("%") for part in Path(name).parts)}
+
+
+def test_sigkill_mid_run_resumes_where_it_stopped(s3_client, bucket, tmp_path):
+    objects = {f"many/{n // 500}/{n:04}.jpg": jpeg(n, side=8) for n in range(3000)}
+    put_all(s3_client, bucket, objects)
+    paths = [key.removeprefix("many/") for key in objects]
+    dest = tmp_path / "dest"
+    child = subprocess.Popen(
+        [sys.executable, "-c", DOWNLOAD_IN_CHILD], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    child.stdin.write(json.dumps([bucket, "many/", str(dest), paths]))
+    child.stdin.close()
+    deadline = time.monotonic() + 120
+    while len(landed(dest) if dest.exists() else ()) < 600:  # poll the destination
+        assert child.poll() is None, "the run finished before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    child.stdout.close()
+    on_disk = landed(dest)
+    assert 600 <= len(on_disk) < 3000
+    assert not (dest / INDEX_NAME).exists()  # the index is written at the end: only the journal knows
+
+    again = download(paths, dest, source=s3.S3Uri(bucket, "many/"), workers=8)
+
+    # Every file the killed run had renamed into place and journaled is kept: at most one per worker can land
+    # between its rename and its journal line.
+    assert len(on_disk) - 8 <= again.already_present <= len(on_disk)
+    assert again.fetched == 3000 - again.already_present and again.errors == []
+    assert landed(dest) == set(paths)
+    for path in paths:
+        assert (dest / path).read_bytes() == objects[f"many/{path}"]
+    assert not any(Path(name).name.startswith(TMP_PREFIX) for name in files_under(dest))
+    assert not (dest / JOURNAL_DIR).exists()  # folded into the index and removed
+    third = download(paths, dest, source=s3.S3Uri(bucket, "many/"), workers=8)
+    assert (third.fetched, third.already_present) == (0, 3000)
+
+
+def test_dead_run_leftovers_are_folded_in_and_cleaned(s3_client, bucket, tmp_path):
+    """The state a SIGKILL leaves mid-write, made exactly: a journal nobody holds, a temporary in `sub/`."""
+    objects = {"j/sub/a.jpg": jpeg(1), "j/sub/b.jpg": jpeg(2), "j/c.jpg": jpeg(3)}
+    put_all(s3_client, bucket, objects)
+    paths = ["sub/a.jpg", "sub/b.jpg", "c.jpg"]
+    source, dest = s3.S3Uri(bucket, "j/"), tmp_path / "dest"
+    first = download(paths[:1], dest, source=source)
+    assert first.fetched == 1
+    entry = json.loads((dest / INDEX_NAME).read_text())["objects"]["sub/a.jpg"]
+    (dest / INDEX_NAME).unlink()  # as if the run had been killed before writing the index
+    (dest / JOURNAL_DIR).mkdir()
+    token = "0123456789ab"
+    (dest / JOURNAL_DIR / f"{token}.jsonl").write_bytes(
+        b'["t","sub"]\n' + json.dumps(["f", "sub/a.jpg", *entry]).encode() + b'\n["f","sub/b.jpg",12'  # torn
+    )
+    (dest / "sub" / f"{TMP_PREFIX}{token}-7").write_bytes(b"half an ima")
+    (dest / "sub" / f"{TMP_PREFIX}ffffffffffff-1").write_bytes(b"not that run's")  # another run's: left alone
+
+    again = download(paths, dest, source=source)
+
+    assert (again.fetched, again.already_present) == (2, 1)
+    assert sorted(n for n in files_under(dest / "sub") if n.startswith(TMP_PREFIX)) == [f"{TMP_PREFIX}ffffffffffff-1"]
+    assert not (dest / JOURNAL_DIR).exists()
+    assert sorted(json.loads((dest / INDEX_NAME).read_text())["objects"]) == sorted(paths)
+
+
+def test_a_live_runs_journal_is_used_but_left_alone(s3_client, bucket, tmp_path):
+    import fcntl
+
+    put_all(s3_client, bucket, {"l/a.jpg": jpeg(1), "l/b.jpg": jpeg(2)})
+    source, dest = s3.S3Uri(bucket, "l/"), tmp_path / "dest"
+    download(["a.jpg"], dest, source=source)
+    entry = json.loads((dest / INDEX_NAME).read_text())["objects"]["a.jpg"]
+    (dest / INDEX_NAME).unlink()
+    (dest / JOURNAL_DIR).mkdir()
+    journal = dest / JOURNAL_DIR / "aaaaaaaaaaaa.jsonl"
+    journal.write_text(json.dumps(["f", "a.jpg", *entry]) + "\n")
+    with open(journal, "rb") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # a run still going
+        report = download(["a.jpg", "b.jpg"], dest, source=source)
+        assert (report.fetched, report.already_present) == (1, 1)
+        assert journal.exists()
+
+
+def test_dest_that_is_a_file_is_one_message(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(InputError) as caught:
+        download(["s3://b/x.jpg"], afile)
+    assert str(caught.value) == (
+        f"download destination {str(afile)!r} exists but is not a folder: expected a folder, or a name to create one"
+    )
+    with pytest.raises(InputError) as caught:
+        download(["s3://b/x.jpg"], afile / "sub" / "dest")
+    assert str(caught.value) == (
+        f"cannot create download destination {str(afile / 'sub' / 'dest')!r}: {str(afile)!r} is a file; "
+        "expected folders along its path"
+    )
+
+
+def in_small_fs(tmp_path: Path, code: str, *, size: str = "256k", read_only: bool = False) -> dict:
+    """Run Python `code` where `tmp_path/fs` is a fresh tmpfs of `size` (read-only if asked), in a private mount
+    namespace (`unshare`, no root needed): a real full disk or read-only file system. Returns the JSON it prints."""
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "-rm", "true"], check=False).returncode:
+        pytest.skip("needs unshare with user and mount namespaces to make a small file system")
+    mnt = tmp_path / "fs"
+    mnt.mkdir(parents=True)
+    options = f"size={size}" + (",ro" if read_only else "")
+    shell = f'mount -t tmpfs -o {options} tagflow-test "$0" && exec "$1" -c "$2"'
+    done = subprocess.run(
+        ["unshare", "-rm", "sh", "-c", shell, str(mnt), sys.executable, code],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, "FS": str(mnt)},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+CATCH = textwrap.dedent(
+    """
+    import json, os, sys
+    from pathlib import Path
+    from tagflow import s3
+    from tagflow.errors import InputError
+    fs = Path(os.environ["FS"])
+
+    def listing(folder):
+        return sorted(str(p.relative_to(folder)) for p in folder.rglob("*")) if folder.exists() else []
+
+    def attempt(fn):
+        try:
+            fn()
+            return None
+        except InputError as err:
+            return str(err)
+    """
+)
+
+
+def test_read_only_and_full_destinations_are_one_message(s3_client, bucket, tmp_path):
+    put_all(s3_client, bucket, {f"f/{n:03}.jpg": jpeg(n, side=64) for n in range(300)})
+    code = CATCH + textwrap.dedent(
+        f"""
+        from tagflow.download import download
+        paths = [f"{{n:03}}.jpg" for n in range(300)]
+        source = s3.S3Uri({bucket!r}, "f/")
+        out = {{"ro_root": attempt(lambda: download(paths, fs, source=source)),
+                "ro_sub": attempt(lambda: download(paths, fs / "d", source=source))}}
+        print(json.dumps(out))
+        """
+    )
+    read_only = in_small_fs(tmp_path / "ro", code, read_only=True)
+    ro = str(tmp_path / "ro" / "fs")
+    assert read_only == {
+        "ro_root": f"download destination {ro!r} is not writable: the file system is read-only",
+        "ro_sub": f"cannot create download destination {ro + '/d'!r}: the file system is read-only",
+    }
+
+    code = CATCH + textwrap.dedent(
+        f"""
+        from tagflow.download import download
+        paths = [f"{{n:03}}.jpg" for n in range(300)]
+        out = {{"full": attempt(lambda: download(paths, fs / "d", source=s3.S3Uri({bucket!r}, "f/"), workers=4)),
+                "left": listing(fs / "d")}}
+        print(json.dumps(out))
+        """
+    )
+    full = in_small_fs(tmp_path / "full", code, size="64k")
+    assert full["full"] is not None, "the download should have run out of space"
+    dest = str(tmp_path / "full" / "fs" / "d")
+    assert full["full"].startswith(f"cannot write '{dest}/")
+    assert full["full"].endswith("': no space left on the device (disk full)")
+    assert not [name for name in full["left"] if Path(name).name.startswith(TMP_PREFIX)]
+
+
+def test_messages_cut_a_huge_path(bucket, tmp_path):
+    huge = "a/" * 5_000_000 + "x.jpg"  # 10 MB
+    with pytest.raises(InputError) as caught:
+        download([huge], tmp_path)
+    assert len(str(caught.value)) < 500 and "(10000005 characters)" in str(caught.value)
+    with pytest.raises(DownloadFailed) as failed:
+        download([huge, "b.jpg"], tmp_path, source=s3.S3Uri(bucket, ""), max_bad_fraction=0)
+    assert len(str(failed.value)) < 2000
+    assert failed.value.report.errors[0].path == huge  # the report keeps the whole value; messages cut it

@@ -19,13 +19,28 @@ and an object whose local file has the listed size, the recorded ETag and the re
 A sidecar rather than extended attributes: xattrs are missing on some filesystems (older tmpfs, many network
 mounts), have no `os` API on macOS and are dropped by ordinary copies. The index is merged under a lock and
 replaced atomically, so concurrent runs into one folder keep each other's entries; the mtime makes an entry
-stale if another run (or a person) rewrote the file after it was recorded. The `%` names (index, lock,
-temporaries) can never collide with an image: `paths.local_relpath` writes `%` only as `%XX` or a bare `%`.
+stale if another run (or a person) rewrote the file after it was recorded.
+
+The index is rewritten once, at the end of a run. So that a run killed before then (SIGKILL, OOM, a lost worker)
+loses nothing, each run also appends to its own journal as files land:
+
+    DEST/%tagflow-download.journals/TOKEN.jsonl   one JSON array per line:
+        ["f", RELPATH, size, etag, mtime_ns]      a file renamed into place (its index entry)
+        ["t", RELFOLDER]                          written before the run's first temporary file in that folder
+
+A line is written with one `write` after the rename, so a killed process never leaves a line for a file that is not
+whole (a torn last line is ignored), and the journal is fsync'd every `JOURNAL_SYNC_EVERY` lines. The run holds an
+exclusive `flock` on its journal; the next run (under the index lock) treats a journal nobody holds as a dead run's:
+it folds the entries into the index, deletes that run's leftover `%part-TOKEN-*` temporaries in the folders the
+journal names, and removes the journal. A finished run merges its entries into the index and removes its journal.
+The `%` names (index, lock, journals, temporaries) can never collide with an image: `paths.local_relpath` writes
+`%` only as `%XX` or a bare `%`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import io
 import itertools
@@ -34,6 +49,7 @@ import logging
 import os
 import queue
 import secrets
+import struct
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -41,11 +57,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tagflow.errors import InputError, TagflowError, TooManyFailures
+from tagflow.errors import InputError, TagflowError, TooManyFailures, quote
 from tagflow.paths import is_s3_uri, local_path, local_relpath, source_uri
 from tagflow.s3 import DEFAULT_POOL_SIZE, S3Uri, list_objects, make_client
 
 if TYPE_CHECKING:
+    from PIL import Image
+
     from tagflow.s3 import S3Client
 
 log = logging.getLogger(__name__)
@@ -57,6 +75,8 @@ DEFAULT_MAX_BAD_FRACTION = 0.01
 INDEX_NAME = "%tagflow-download.json"
 LOCK_NAME = "%tagflow-download.lock"
 TMP_PREFIX = "%part-"
+JOURNAL_DIR = "%tagflow-download.journals"
+JOURNAL_SYNC_EVERY = 256  # journal lines between fsyncs: what an OS crash (not a killed process) can lose
 PROGRESS_EVERY = 100  # objects between progress callbacks
 BODY_ATTEMPTS = 3  # botocore retries the request, not the reading of the body; we retry that ourselves
 SHOWN_ERRORS = 20
@@ -74,7 +94,7 @@ class ObjectError:
     reason: str
 
     def __str__(self) -> str:
-        return f"{self.path}: {self.reason}"
+        return f"{quote(self.path)}: {self.reason}"
 
 
 @dataclass
@@ -157,17 +177,16 @@ def download(
     the index of files already written is kept, so a re-run fetches only what is missing.
     """
     started = time.monotonic()
-    dest = Path(dest)
-    dest.mkdir(parents=True, exist_ok=True)
+    dest = ensure_folder(Path(dest), "download destination")
     client = client or make_client(pool_size=max(DEFAULT_POOL_SIZE, workers))
     items = _plan(paths, source)
     _resolve_from_listing(client, items, source, known or {})
     report = DownloadReport(total=len(items))
-    index = _read_index(dest)
+    index, journal = _open_run(dest)
     written: dict[str, list] = {}
     allowed_bad = max_bad_fraction * len(items)
     _init_pillow()
-    fetch = _Fetcher(client, dest, max_bytes, index)
+    fetch = _Fetcher(client, dest, max_bytes, index, journal)
     done = 0
     try:
         for outcome in _run_bounded(fetch, items, workers, stop=lambda: len(report.errors) > allowed_bad):
@@ -185,7 +204,7 @@ def download(
             if progress and (done % progress_every == 0 or done == len(items)):
                 progress(done, len(items), report.bytes)
     finally:
-        _merge_index(dest, written)
+        _close_run(dest, journal, written)
         report.seconds = time.monotonic() - started
     report.stopped_early = done < len(items)
     order = {item.path: n for n, item in enumerate(items)}
@@ -213,7 +232,7 @@ def _plan(paths: Sequence[str], source: S3Uri | None) -> list[_Item]:
     if source is None:
         relative = next((p for p in paths if not is_s3_uri(p)), None)
         if relative is not None:
-            raise InputError(f"list path {relative!r} is relative but no source prefix was given (--source)")
+            raise InputError(f"list path {quote(relative)} is relative but no source prefix was given (--source)")
     items: list[_Item] = []
     seen: dict[str, _Item] = {}
     for path in paths:
@@ -228,7 +247,10 @@ def _plan(paths: Sequence[str], source: S3Uri | None) -> list[_Item]:
             seen[rel] = item = _Item(path, uri, rel)
             items.append(item)
         elif first.uri != uri:
-            error = f"would be stored at {rel}, which list path {first.path!r} ({first.uri}) already uses"
+            error = (
+                f"would be stored at {quote(rel)}, which list path {quote(first.path)} ({quote(first.uri)}) "
+                "already uses"
+            )
             items.append(_Item(path, uri, f"\0{len(items)}", error=error))
     return items
 
@@ -254,7 +276,7 @@ def _resolve_from_listing(
     try:
         listed = list_objects(client, prefix)
     except (BotoCoreError, ClientError) as err:
-        raise TagflowError(f"cannot list {prefix} to learn sizes and ETags: {err}") from err
+        raise TagflowError(f"cannot list {quote(prefix)} to learn sizes and ETags: {quote(err)}") from err
     log.info("listed %d objects under %s", len(listed), prefix)
     for item in under_source:
         found = listed.get(item.uri.key)  # type: ignore[union-attr]
@@ -317,14 +339,15 @@ class _Skip(Exception):
 class _Fetcher:
     """The work for one object, run in a pool thread: decide, fetch, check, write whole."""
 
-    def __init__(self, client: S3Client, dest: Path, max_bytes: int, index: Mapping[str, list]):
+    def __init__(self, client: S3Client, dest: Path, max_bytes: int, index: Mapping[str, list], journal: _Journal):
         self.client = client
         self.dest = dest
         self.max_bytes = max_bytes
         self.index = index
+        self.journal = journal
         self.made_dirs: set[Path] = set()
-        # Temporary names: one random token per run and a counter (no syscall per object); O_EXCL guards the rest.
-        self.tmp_token = f"{TMP_PREFIX}{secrets.token_hex(6)}-"
+        # Temporary names: the run's token and a counter (no syscall per object); O_EXCL guards the rest.
+        self.tmp_token = f"{TMP_PREFIX}{journal.token}-"
         self.tmp_counter = itertools.count()  # next() on it is atomic; a generator's is not thread-safe
 
     def __call__(self, item: _Item) -> _Outcome:
@@ -350,23 +373,24 @@ class _Fetcher:
             if problem:
                 return _Outcome(item, "error", reason=problem)
             entry = self._write(target, data, etag)
+            self.journal.landed(item.relpath, entry)
             return _Outcome(item, "fetched", size=len(data), entry=entry)
         except ClientError as err:
             return _Outcome(item, "error", reason=_client_error_reason(err))
         except BotoCoreError as err:
-            return _Outcome(item, "error", reason=f"{type(err).__name__} after retries: {err}")
+            return _Outcome(item, "error", reason=f"{type(err).__name__} after retries: {quote(err)}")
         except (InputError, _Skip) as err:
             return _Outcome(item, "error", reason=str(err))
         except IsADirectoryError:
-            return _Outcome(
-                item, "error", reason=f"cannot write {item.relpath}: a folder of that name holds other objects"
-            )
+            reason = f"cannot write {quote(item.relpath)}: a folder of that name holds other objects"
+            return _Outcome(item, "error", reason=reason)
         except (FileExistsError, NotADirectoryError):
-            return _Outcome(
-                item, "error", reason=f"cannot write {item.relpath}: a file stands where a folder of its path should be"
-            )
+            reason = f"cannot write {quote(item.relpath)}: a file stands where a folder of its path should be"
+            return _Outcome(item, "error", reason=reason)
         except OSError as err:
-            return _Outcome(item, "error", reason=f"cannot write {item.relpath}: {err.strerror}")
+            if err.errno in DEST_ERRNOS:  # the folder, not this object: stop the run (what landed is journaled)
+                raise InputError(f"cannot write {quote(self.dest / item.relpath)}: {os_error_reason(err)}") from None
+            return _Outcome(item, "error", reason=f"cannot write {quote(item.relpath)}: {os_error_reason(err)}")
 
     def _size_problem(self, size: int) -> str | None:
         if size == 0:
@@ -411,6 +435,7 @@ class _Fetcher:
         folder = target.parent
         if folder not in self.made_dirs:
             folder.mkdir(parents=True, exist_ok=True)
+            self.journal.temporaries_in(folder.relative_to(self.dest))
             self.made_dirs.add(folder)
         tmp = folder / f"{self.tmp_token}{next(self.tmp_counter)}"
         try:
@@ -445,20 +470,211 @@ def _init_pillow() -> None:
     Image.init()
 
 
-def _image_problem(data: bytes) -> str | None:
-    """Why `data` is not an image Pillow can decode, judged from its header; None if it looks fine."""
+def open_header(data: bytes) -> Image.Image:
+    """Identify `data` and read its header as `PIL.Image.open` does (lazily: no pixel is decoded), but without
+    Pillow's own decompression-bomb check, which warns on stderr above 89 M pixels and raises above 179 M whatever
+    the caller's limit is (it is one process-wide setting). Callers apply their own limit to `.size`: the packer's
+    is `PackParams.max_pixels`; the downloader stores any size and leaves that judgement to the packer.
+
+    Raises `PIL.UnidentifiedImageError` (an OSError) when no format recognises the header, as `Image.open` does.
+    """
     from PIL import Image, UnidentifiedImageError
 
+    Image.init()  # every plugin registered, once
+    prefix = data[:16]
+    for name in list(Image.ID):
+        factory, accept = Image.OPEN[name]
+        try:
+            accepted = accept(prefix) if accept else True
+            if accepted and not isinstance(accepted, str):  # a str says why not
+                return factory(io.BytesIO(data), "")
+        except (SyntaxError, IndexError, TypeError, struct.error):
+            continue  # not this format, as in Image.open
+    raise UnidentifiedImageError("no image format recognises its header")
+
+
+def _image_problem(data: bytes) -> str | None:
+    """Why `data` is not an image Pillow can decode, judged from its header; None if it looks fine."""
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with open_header(data) as image:
             width, height = image.size
-    except UnidentifiedImageError:
-        return "not a decodable image: no image format recognises its header"
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+    except (OSError, ValueError, SyntaxError, EOFError) as err:
         return f"not a decodable image: {err}"
     if width <= 0 or height <= 0:
         return f"not a decodable image: its header gives a size of {width}x{height}"
     return None
+
+
+# --- the destination folder ------------------------------------------------------------------------------------
+
+# Errors about the folder rather than one object: the run stops with a message instead of failing every object.
+DEST_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
+_REASONS = {
+    errno.ENOSPC: "no space left on the device (disk full)",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "the file system is read-only",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.ENAMETOOLONG: "file name too long",
+}
+
+
+def os_error_reason(err: OSError) -> str:
+    """An OSError in words, without its (possibly huge) file name: the caller names the file."""
+    return _REASONS.get(err.errno or 0) or (err.strerror or type(err).__name__).lower()
+
+
+def ensure_folder(path: Path, role: str) -> Path:
+    """Create folder `path` (and its parents) if missing and check it can be written to.
+
+    Raises InputError naming the path, its `role` ("download destination", "pack output folder") and what is wrong:
+    a file stands there or on its path, permission denied, read-only file system, disk full.
+    """
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise InputError(
+            f"{role} {quote(str(path))} exists but is not a folder: expected a folder, or a name to create one"
+        ) from None
+    except NotADirectoryError:
+        blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+        where = f": {quote(str(blocker))} is a file" if blocker else ""
+        raise InputError(f"cannot create {role} {quote(str(path))}{where}; expected folders along its path") from None
+    except OSError as err:
+        raise InputError(f"cannot create {role} {quote(str(path))}: {os_error_reason(err)}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        reason = "the file system is read-only" if _read_only(path) else "permission denied"
+        raise InputError(f"{role} {quote(str(path))} is not writable: {reason}")
+    return path
+
+
+def _read_only(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
+# --- the index and the per-run journal -------------------------------------------------------------------------
+
+
+class _Journal:
+    """This run's append-only record of files landed (module docstring); written from the pool threads."""
+
+    def __init__(self, dest: Path):
+        self.dest = dest
+        self.token = secrets.token_hex(6)
+        self.path = dest / JOURNAL_DIR / f"{self.token}.jsonl"
+        self.path.parent.mkdir(exist_ok=True)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | getattr(os, "O_CLOEXEC", 0)
+        self.fd = os.open(self.path, flags, 0o644)
+        fcntl.flock(self.fd, fcntl.LOCK_EX)  # held until close: a journal nobody holds belongs to a dead run
+        self.lines = itertools.count(1)
+
+    def _append(self, record: list) -> None:
+        line = json.dumps(record, separators=(",", ":"), ensure_ascii=False).encode("utf-8", "surrogateescape")
+        try:
+            os.write(self.fd, line + b"\n")  # one write per line: O_APPEND keeps lines from different threads whole
+            if next(self.lines) % JOURNAL_SYNC_EVERY == 0:
+                os.fsync(self.fd)
+        except OSError as err:
+            raise InputError(f"cannot write {quote(str(self.path))}: {os_error_reason(err)}") from None
+
+    def landed(self, relpath: str, entry: list) -> None:
+        """`relpath` is in place, whole; `entry` is its index entry [size, etag, mtime_ns]."""
+        self._append(["f", relpath, *entry])
+
+    def temporaries_in(self, folder: Path) -> None:
+        """This run is about to create temporary files in `folder` (relative to the destination)."""
+        self._append(["t", str(folder)])
+
+    def close(self, remove: bool) -> None:
+        try:
+            if remove:
+                self.path.unlink(missing_ok=True)
+        finally:
+            os.close(self.fd)
+
+
+def _read_journal(path: Path) -> tuple[dict[str, list], set[str]]:
+    """A journal's file entries and temporary folders; a torn or foreign line (a killed write) is skipped."""
+    entries: dict[str, list] = {}
+    folders: set[str] = set()
+    with open(path, "rb") as fh:
+        for raw in fh:
+            try:
+                record = json.loads(raw.decode("utf-8", "surrogateescape"))
+            except ValueError:
+                continue
+            if isinstance(record, list) and len(record) == 5 and record[0] == "f":
+                entries[record[1]] = record[2:]
+            elif isinstance(record, list) and len(record) == 2 and record[0] == "t":
+                folders.add(record[1])
+    return entries, folders
+
+
+@contextlib.contextmanager
+def _index_lock(dest: Path) -> Iterator[None]:
+    try:
+        lock = open(dest / LOCK_NAME, "a")  # noqa: SIM115 - closed below, after the flock is released
+    except OSError as err:
+        raise InputError(f"download destination {quote(str(dest))} is not writable: {os_error_reason(err)}") from None
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _open_run(dest: Path) -> tuple[dict[str, list], _Journal]:
+    """The index with every journal's entries, dead runs folded in and cleaned up, and this run's new journal."""
+    with _index_lock(dest):
+        index = _read_index(dest)
+        dead: list[Path] = []
+        for path in sorted((dest / JOURNAL_DIR).glob("*.jsonl")):
+            with open(path, "rb") as fh:
+                try:
+                    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    alive = True  # a run still going: use its entries, leave its journal alone
+                else:
+                    alive = False
+                entries, folders = _read_journal(path)
+            index.update(entries)
+            if not alive:
+                dead.append(path)
+                for folder in folders:
+                    if Path(folder).is_absolute() or ".." in Path(folder).parts:
+                        continue  # never written by a run; not followed
+                    for tmp in (dest / folder).glob(f"{TMP_PREFIX}{path.stem}-*"):
+                        tmp.unlink(missing_ok=True)
+        if dead:
+            log.info("resuming from %d interrupted run(s) in %s", len(dead), dest)
+            _write_index(dest, index)
+            for path in dead:
+                path.unlink(missing_ok=True)
+        try:
+            journal = _Journal(dest)
+        except OSError as err:
+            raise InputError(
+                f"download destination {quote(str(dest))} is not writable: {os_error_reason(err)}"
+            ) from None
+    return index, journal
+
+
+def _close_run(dest: Path, journal: _Journal, entries: Mapping[str, list]) -> None:
+    """Merge this run's entries into the index and remove its journal; if that fails, the journal stays for the
+    next run to fold in."""
+    try:
+        with _index_lock(dest):
+            if entries:
+                merged = _read_index(dest)
+                merged.update(entries)
+                _write_index(dest, merged)
+            journal.close(remove=True)
+            with contextlib.suppress(OSError):  # only when empty: another run may be starting its own
+                (dest / JOURNAL_DIR).rmdir()
+    except (OSError, InputError) as err:
+        journal.close(remove=False)
+        log.warning("could not update the download index in %s (%s); the next run resumes from the journal", dest, err)
 
 
 def _read_index(dest: Path) -> dict[str, list]:
@@ -474,24 +690,18 @@ def _read_index(dest: Path) -> dict[str, list]:
     return doc.get("objects", {}) if doc.get("version") == 1 else {}
 
 
-def _merge_index(dest: Path, entries: Mapping[str, list]) -> None:
-    """Add `entries` to the on-disk index under an exclusive lock; the file is replaced whole."""
-    if not entries:
-        return
-    with open(dest / LOCK_NAME, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        merged = _read_index(dest)
-        merged.update(entries)
-        tmp = dest / f"{TMP_PREFIX}{secrets.token_hex(8)}"
-        try:
-            with open(tmp, "x") as fh:
-                json.dump({"version": 1, "objects": merged}, fh, separators=(",", ":"))
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, dest / INDEX_NAME)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
+def _write_index(dest: Path, objects: Mapping[str, list]) -> None:
+    """Replace the index whole (temporary name, fsync, rename); the caller holds the index lock."""
+    tmp = dest / f"{TMP_PREFIX}{secrets.token_hex(8)}"
+    try:
+        with open(tmp, "x") as fh:
+            json.dump({"version": 1, "objects": objects}, fh, separators=(",", ":"))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, dest / INDEX_NAME)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
 
 
 def _failure_message(report: DownloadReport, done: int, max_bad_fraction: float) -> str:
