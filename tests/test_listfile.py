@@ -1,10 +1,13 @@
-"""The list-file parser: exact error messages, tolerated variants, round trips and fuzzing, im2rec compatibility."""
+"""The list-file parser: exact error messages, tolerated variants, round trips and fuzzing, im2rec compatibility,
+warnings on valid but suspicious lists, and the `parse` verb on arbitrary input."""
 
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import tempfile
+import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -12,11 +15,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tagflow import cli
 from tagflow.errors import InputError, ListFileError
 from tagflow.listfile import (
+    _OTHER_SPACE,
+    MAX_KEY_BYTES,
     ListFile,
     _parse,
+    concat_lists,
     default_label_names,
+    list_warnings,
     parse_list,
     read_label_names,
     write_list,
@@ -88,6 +96,98 @@ MALFORMED = [
     ),
     ("path missing", b"1\t0\t1\n", ["L:1: missing path after the 2 label values"]),
     ("path field empty", b"1\t0\t1\t\n", ["L:1: missing path (the last field is empty)"]),
+    (
+        "tab after the path",
+        b"1\t0\t1\ta.jpg\t\n",
+        [
+            "L:1: the line ends with an empty field (a tab after the path): expected 4 tab-separated fields "
+            "(ID, 2 label values, path), found 5"
+        ],
+    ),
+    (
+        "tab before the ID",
+        b"\t1\t0\t1\ta.jpg\n",
+        [
+            "L:1: the line starts with an empty field (a tab before the ID): expected 4 tab-separated fields "
+            "(ID, 2 label values, path), found 5"
+        ],
+    ),
+    (
+        "two tabs in a row",
+        b"1\t0\t\t1\ta.jpg\r\n",
+        [
+            "L:1: column 3 is empty (nothing between two tabs): expected 4 tab-separated fields "
+            "(ID, 2 label values, path), found 5"
+        ],
+    ),
+    (
+        "several empty fields",
+        b"1\t\t0\t \t1\ta.jpg\t\n",
+        [
+            "L:1: columns 2, 4 are empty (nothing between two tabs); the line ends with an empty field (a tab after "
+            "the path): expected 4 tab-separated fields (ID, 2 label values, path), found 7"
+        ],
+    ),
+    (
+        "empty label between tabs",
+        b"1\t\t1\ta.jpg\n",
+        ["L:1: column 2 is empty (expected a label value 0 or 1)"],
+    ),
+    (
+        "path longer than an S3 key",
+        b"1\t0\t1\t" + b"k" * (MAX_KEY_BYTES + 1) + b"\n",
+        [
+            f"L:1: path {'k' * 200!r}... ({MAX_KEY_BYTES + 1} characters) is longer than an S3 key may be "
+            f"({MAX_KEY_BYTES + 1} bytes, at most {MAX_KEY_BYTES})"
+        ],
+    ),
+    (
+        "S3 key longer than an S3 key",
+        b"1\t0\t1\ts3://bkt/" + "\u00e9".encode() * 513 + b"\n",
+        [
+            f"L:1: path {('s3://bkt/' + chr(0xE9) * 513)[:200]!r}... (522 characters) is longer than an S3 key "
+            f"may be (1026 bytes, at most {MAX_KEY_BYTES})"
+        ],
+    ),
+    (
+        "no-break space ends the path",
+        b"1\t0\t1\ta.jpg\n2\t1\t1\tb.jpg\n3\t0\t1\tx.jpg\xc2\xa0\n",
+        ["L:3: path 'x.jpg\\xa0' ends with U+00A0 (NO-BREAK SPACE); only ASCII spaces and tabs separate fields"],
+    ),
+    (
+        "ideographic space starts a space-separated path",
+        "1 0 1 \u3000x.jpg\n".encode(),
+        ["L:1: path '\\u3000x.jpg' starts with U+3000 (IDEOGRAPHIC SPACE); only ASCII spaces and tabs separate fields"],
+    ),
+    (
+        "byte-order mark inside the file",
+        "1\t0\t1\ta.jpg\n\ufeff2\t0\t1\tb.jpg\n".encode(),
+        [
+            "L:2: ID '\\ufeff2' starts with U+FEFF (ZERO WIDTH NO-BREAK SPACE); only ASCII spaces and tabs separate "
+            "fields"
+        ],
+    ),
+    (
+        "em space after a label",
+        "1\t0\u2003\t1\ta.jpg\n".encode(),
+        [
+            "L:1: column 2: label value '0\\u2003' ends with U+2003 (EM SPACE); only ASCII spaces and tabs "
+            "separate fields"
+        ],
+    ),
+    (
+        "next line (U+0085) ends the path",
+        "1 0 1 a.jpg\x85\n".encode(),
+        ["L:1: path 'a.jpg\\x85' ends with U+0085 (NEXT LINE); only ASCII spaces and tabs separate fields"],
+    ),
+    (
+        "ideographic space taken for a separator",
+        "1 0 1\u3000a.jpg\n".encode(),
+        [
+            "L:1: expected 2 label values, found 1; U+3000 (IDEOGRAPHIC SPACE) in the line is not a separator "
+            "(only ASCII spaces and tabs separate fields)"
+        ],
+    ),
     ("only an ID", b"7\n", ["L:1: nothing after the ID (expected 2 label values, then a path)"]),
     ("path only slashes", b"1\t0\t1\t//\n", ["L:1: path '//' names no file"]),
     (
@@ -214,6 +314,80 @@ def test_space_separated(data: bytes):
     )
 
 
+# -------------------------------------------------------------- whitespace the format does not define (issue 8)
+
+OTHER_SPACES = sorted(_OTHER_SPACE)
+
+
+def test_other_whitespace_is_every_non_ascii_space_and_the_invisible_ones():
+    every = {chr(c) for c in range(0x80, 0x110000) if chr(c).isspace()}
+    assert set(_OTHER_SPACE) == every | {"\u180e", "\u200b", "\u2060", "\ufeff"}
+
+
+def field_line(field: str, value: str) -> bytes:
+    """A valid first line, then one (2 labels) with `field` replaced by `value` (line 2: a byte-order mark that
+    starts the file is tolerated)."""
+    fields = {"id": "7", "label": "1", "path": "x.jpg"}
+    fields[field] = value
+    return f"1\t0\t0\ta.jpg\n{fields['id']}\t0\t{fields['label']}\t{fields['path']}\n".encode()
+
+
+@pytest.mark.parametrize("where", ["starts", "ends"])
+@pytest.mark.parametrize("field", ["id", "label", "path"])
+@pytest.mark.parametrize("ch", OTHER_SPACES, ids=[f"U+{ord(c):04X}" for c in OTHER_SPACES])
+def test_other_whitespace_at_a_field_edge_is_refused_with_its_code_point(ch, field, where):
+    plain = {"id": "7", "label": "1", "path": "x.jpg"}[field]
+    value = ch + plain if where == "starts" else plain + ch
+    data = field_line(field, value)
+    name = unicodedata.name(ch, None) or "NEXT LINE"
+    what = {"id": "ID", "label": "column 3: label value", "path": "path"}[field]
+    expected = [
+        f"L:2: {what} {value!r} {where} with U+{ord(ch):04X} ({name}); only ASCII spaces and tabs separate fields"
+    ]
+    assert errors_of(data) == expected
+    with pytest.raises(ListFileError) as info:
+        _parse(data, 2, "L", fast=False)
+    assert info.value.errors == expected
+
+
+@pytest.mark.parametrize("ch", OTHER_SPACES, ids=[f"U+{ord(c):04X}" for c in OTHER_SPACES])
+def test_other_whitespace_inside_a_path_is_kept_exactly(ch):
+    data = f"7\t0\t1\tdir/a{ch}b.jpg\n".encode()
+    assert parse_list(data, 2).paths == [f"dir/a{ch}b.jpg"]
+    assert _parse(data, 2, "L", fast=False).paths == [f"dir/a{ch}b.jpg"]
+
+
+def test_only_ascii_spaces_tabs_and_the_cr_before_lf_are_stripped():
+    lf = parse_list(b"\xef\xbb\xbf 7 \t 0\t1\t  dir/a b.jpg  \r\n8 1 0 s3://b/k\r\n", 2)
+    assert lf.paths == ["dir/a b.jpg", "s3://b/k"]
+    assert errors_of(b"7\t0\t1\ta.jpg\x0b\n") == ["L:1: path 'a.jpg\\x0b' contains control character 0x0b"]
+    assert errors_of(b"7\x0c\t0\t1\ta.jpg\n") == ["L:1: ID '7\\x0c' is not an integer"]
+
+
+def test_a_path_of_exactly_an_s3_keys_length_is_accepted_by_both_parsers():
+    data = b"1\t0\t1\t/" + b"k" * MAX_KEY_BYTES + b"\r\n2\t0\t1\ts3://bkt/" + b"k" * MAX_KEY_BYTES + b"\n"
+    expected = ["k" * MAX_KEY_BYTES, "s3://bkt/" + "k" * MAX_KEY_BYTES]
+    assert parse_list(data, 2).paths == expected
+    assert _parse(data, 2, "L", fast=False).paths == expected
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"%b\t0\t1\ta.jpg\n" % (b"x" * 10_000_000),  # ID
+        b"1\t%b\t1\ta.jpg\n" % (b"2" * 10_000_000),  # label
+        b"1\t0\t1\t%b\xc2\xa0\n" % (b"p" * 10_000_000),  # path with a no-break space
+        b"1\t0\t1\t%b\n" % (b"p" * 10_000_000),  # path longer than a key
+        b"1 0 1 %b\n" % (b"p " * 5_000_000),  # space-separated, far too many fields
+    ],
+    ids=["id", "label", "path-nbsp", "path-long", "fields"],
+)
+def test_messages_never_echo_a_huge_value(line):
+    (message,) = errors_of(line)
+    assert len(message) < 600
+    assert "characters)" in message or "found" in message
+
+
 def test_sorted_by_id_and_label_counts():
     lf = parse_list(b"30\t1\t1\tc\n10\t0\t1\ta\n20\t0\t1\tb\n", 2)
     assert not lf.is_sorted
@@ -288,6 +462,10 @@ def outcome(data: bytes, num_labels: int, fast: bool):
     return ("ok", lf.ids.tolist(), lf.labels.tolist(), lf.paths)
 
 
+# Separators and look-alikes the fuzzers splice in: the format's own, and whitespace it must refuse at an edge.
+SPACE_BYTES = [c.encode() for c in ["\t", " ", "\r", "\t\t", "\xa0", "\u2003", "\u3000", "\ufeff", "\x85", "\u2028"]]
+
+
 @st.composite
 def corrupted(draw) -> tuple[bytes, int]:
     ids, labels, paths = draw(valid_lists())
@@ -298,7 +476,7 @@ def corrupted(draw) -> tuple[bytes, int]:
         if kind == "flip" and data:
             data[at] = draw(st.sampled_from([0, 9, 10, 13, 32, ord("0"), ord("1"), ord("2"), ord("/"), 0xFF, 0xC3]))
         elif kind == "insert":
-            data[at:at] = draw(st.binary(min_size=1, max_size=4))
+            data[at:at] = draw(st.one_of(st.binary(min_size=1, max_size=4), st.sampled_from(SPACE_BYTES)))
         elif kind == "delete":
             del data[at : at + draw(st.integers(1, 8))]
         elif kind == "truncate":
@@ -394,3 +572,231 @@ def test_infer_num_labels_counts_the_first_line_and_parse_checks_the_rest():
     data = b"1\t0\t1\ta.jpg\n2\t0\tb.jpg\n"
     with pytest.raises(ListFileError, match=r"x\.lst:2: "):
         parse_list(data, infer_num_labels(data), name="x.lst")
+
+
+@FUZZ
+@given(valid_lists(), st.sampled_from(["\t", " "]), st.data())
+def test_other_whitespace_at_any_field_edge_is_refused_on_its_line(case, sep, data):
+    ids, labels, paths = case
+    paths = [p.replace(" ", "_") for p in paths] if sep == " " else paths
+    lines = render(ids, labels, paths, sep, False, False).decode().split("\n")[:-1]
+    row = data.draw(st.integers(0, len(lines) - 1))
+    fields = lines[row].split(sep)
+    col = data.draw(st.integers(0, len(fields) - 1))
+    ch = data.draw(st.sampled_from(OTHER_SPACES))
+    fields[col] = data.draw(st.sampled_from([ch + fields[col], fields[col] + ch]))
+    if row == 0 and col == 0 and fields[0].startswith("\ufeff"):
+        return  # the byte-order mark that starts a file is tolerated
+    lines[row] = sep.join(fields)
+    raw = ("\n".join(lines) + "\n").encode()
+    fast, slow = outcome(raw, labels.shape[1], True), outcome(raw, labels.shape[1], False)
+    assert fast == slow
+    assert fast[0] == "errors"
+    assert any(e.startswith(f"L:{row + 1}: ") and f"U+{ord(ch):04X}" in e for e in fast[1]), fast[1]
+
+
+# ------------------------------------------------------------------------------- label names and writing, whitespace
+
+
+def test_label_names_keep_the_same_whitespace_rules_as_the_list(tmp_path):
+    names = tmp_path / "names.txt"
+    names.write_bytes(b"\xef\xbb\xbfred \r\n\tround shape\ntext\r\n")
+    assert read_label_names(names, 3) == ["red", "round shape", "text"]
+    names.write_bytes("red\xa0\nround\u3000shape\n\u2003text\n".encode())
+    with pytest.raises(ListFileError) as info:
+        read_label_names(names, 3)
+    assert info.value.errors == [
+        f"{names}:1: label name 'red\\xa0' ends with U+00A0 (NO-BREAK SPACE); only ASCII spaces and tabs may "
+        "surround a name",
+        f"{names}:3: label name '\\u2003text' starts with U+2003 (EM SPACE); only ASCII spaces and tabs may "
+        "surround a name",
+    ]
+
+
+def test_label_name_messages_are_cut(tmp_path):
+    names = tmp_path / "names.txt"
+    names.write_bytes(b"a" * 1_000_000 + b"\x01\nb\n")
+    with pytest.raises(ListFileError) as info:
+        read_label_names(names, 2)
+    assert len(str(info.value)) < 500 and "(1000001 characters)" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("path", "reason"),
+    [
+        ("x.jpg\xa0", "path 'x.jpg\\xa0' ends with U+00A0 (NO-BREAK SPACE)"),
+        (" x.jpg", "path ' x.jpg' starts or ends with a space"),
+        ("a\tb", "path 'a\\tb' contains control character 0x09"),
+        ("", "missing path"),
+        ("k" * 2000, "is longer than an S3 key may be (2000 bytes, at most 1024)"),
+    ],
+)
+def test_write_list_refuses_what_would_not_read_back_as_itself(tmp_path, path, reason):
+    lf = parse_list(b"7\t1\t0\ta.jpg\n", 2)
+    with pytest.raises(ValueError, match="cannot be written to a list file") as info:
+        write_list(lf, tmp_path / "out.lst", paths=[path])
+    assert reason in str(info.value) and len(str(info.value)) < 400
+    assert not (tmp_path / "out.lst").exists()
+
+
+# ------------------------------------------------------------------------------------------------- warnings
+
+
+def test_a_clean_list_has_no_warnings():
+    warnings = list_warnings(parse_list(b"1\t1\t0\ta.jpg\n2\t0\t1\tb.jpg\n", 2, name="L"))
+    assert not warnings
+    assert warnings.counts() == {"images_without_labels": 0, "labels_without_images": 0, "paths_under_several_ids": 0}
+    assert warnings.messages() == []
+
+
+def test_warnings_count_unlabeled_images_unused_labels_and_shared_paths_with_their_lines():
+    data = (
+        b"30\t0\t0\t1\ta.jpg\n"  # line 1
+        b"10\t0\t0\t0\tb.jpg\n"  # line 2: no label
+        b"20\t0\t0\t1\t/a.jpg\n"  # line 3: a.jpg again (leading / dropped)
+        b"40\t0\t0\t0\tc.jpg\n"  # line 4: no label
+        b"50\t0\t0\t1\ta.jpg\n"  # line 5: a.jpg a third time
+    )
+    lf = parse_list(data, 3, name="L").sorted_by_id()  # examples keep their file lines through sorting
+    warnings = list_warnings(lf, ["red", "round", "text"])
+    assert warnings.counts() == {"images_without_labels": 2, "labels_without_images": 2, "paths_under_several_ids": 1}
+    assert warnings.to_dict() == {
+        **warnings.counts(),
+        "unlabeled_examples": [{"id": 10, "line": 2}, {"id": 40, "line": 4}],
+        "labels_without_images_names": ["red", "round"],
+        "shared_path_examples": [{"path": "a.jpg", "ids": [20, 30, 50], "lines": [3, 1, 5], "count": 3}],
+    }
+    assert warnings.messages() == [
+        "L: 2 of 5 images have no label (every value is 0), e.g. ID 10 (line 2), ID 40 (line 4)",
+        "L: 2 of 3 labels are carried by no image: 'red' (column 2), 'round' (column 3)",
+        "L: 1 path is listed under several IDs (each ID packs the same image again), e.g. 'a.jpg' under ID 20 "
+        "(line 3) and ID 30 (line 1) and ID 50 (line 5)",
+    ]
+
+
+def test_a_list_where_no_image_has_a_label_says_so():
+    lf = parse_list(b"".join(b"%d\t0\t0\timg/%d.jpg\n" % (i, i) for i in range(100)), 2, name="L")
+    warnings = list_warnings(lf)
+    assert warnings.counts() == {"images_without_labels": 100, "labels_without_images": 2, "paths_under_several_ids": 0}
+    assert warnings.messages()[0] == (
+        "L: none of the 100 images has a label (every value is 0), e.g. ID 0 (line 1), ID 1 (line 2), ID 2 (line 3), "
+        "ID 3 (line 4), ID 4 (line 5)"
+    )
+    assert warnings.messages()[1].startswith("L: 2 of 2 labels are carried by no image: 'label_0' (column 2)")
+
+
+def test_shared_path_examples_are_bounded_and_cut():
+    long = "d/" + "p" * 900
+    data = b"".join(b"%d\t1\t%b\n" % (i, long.encode() if i % 2 else b"q%d" % (i % 10)) for i in range(1000))
+    warnings = list_warnings(parse_list(data, 1, name="L"))
+    assert warnings.paths_under_several_ids == 6  # the long path, and q0, q2, q4, q6, q8
+    assert len(warnings.shared_path_examples) == 5
+    first = warnings.shared_path_examples[0]
+    assert first["path"] == "q0" and first["count"] == 100 and first["ids"] == [0, 10, 20, 30, 40]
+    (message,) = warnings.messages()
+    assert "and 95 more" in message and "(902 characters)" in message and len(message) < 1500
+
+
+def test_warnings_of_concatenated_parts_name_ids_without_lines():
+    a = parse_list(b"1\t0\ta.jpg\n", 1, name="A")
+    b = parse_list(b"2\t1\ta.jpg\n", 1, name="B")
+    warnings = list_warnings(concat_lists([a, b], name="AB"))
+    assert warnings.to_dict()["unlabeled_examples"] == [{"id": 1}]
+    assert warnings.to_dict()["shared_path_examples"] == [{"path": "a.jpg", "ids": [1, 2], "count": 2}]
+    assert warnings.messages()[0] == "AB: 1 of 2 images have no label (every value is 0), e.g. ID 1"
+
+
+def test_warnings_log_each_message_at_warning_level(caplog):
+    warnings = list_warnings(parse_list(b"1\t0\ta.jpg\n2\t0\ta.jpg\n", 1, name="L"))
+    with caplog.at_level(logging.WARNING, logger="tagflow.listfile"):
+        warnings.log()
+    assert [r.getMessage() for r in caplog.records] == warnings.messages()
+    assert len(caplog.records) == 3 and all(r.levelno == logging.WARNING for r in caplog.records)
+
+
+def test_warnings_take_names_for_every_column():
+    with pytest.raises(ValueError, match="1 label names for a list of 2 labels"):
+        list_warnings(parse_list(b"1\t0\t1\ta.jpg\n", 2), ["only"])
+
+
+# --------------------------------------------------------------- the `parse` verb on arbitrary input (hypothesis)
+
+CLI_FUZZ = settings(
+    max_examples=200,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+MAX_STDERR = 20_000  # 20 messages of a few hundred characters, whatever the input
+
+near_field = st.one_of(
+    st.sampled_from(["0", "1", "2", "", "7", "-1", "01", "9" * 25, "x.jpg", "/a/b.jpg", "s3://b/k.jpg", "s3://b"]),
+    st.text(st.characters(blacklist_categories=("Cs",)), max_size=8),
+    st.builds("{}{}".format, st.sampled_from(["a.jpg", "1", "0"]), st.sampled_from([c for c in OTHER_SPACES])),
+)
+near_sep = st.sampled_from(["\t", " ", "  ", "\t\t", " \t", "\xa0", "\u3000", "\ufeff", "\r", "\u2028", ""])
+
+
+@st.composite
+def near_valid_lists(draw) -> tuple[bytes, int]:
+    """Lines of roughly the right shape: fields and separators drawn from the valid, the near-valid and the odd."""
+    num_labels = draw(st.integers(1, 4))
+    lines = []
+    for i in range(draw(st.integers(1, 8))):
+        if draw(st.booleans()):  # a valid line, so that some lists pass
+            lines.append(
+                "\t".join(
+                    [
+                        str(i),
+                        *draw(st.lists(st.sampled_from("01"), min_size=num_labels, max_size=num_labels)),
+                        f"img/{i}.jpg",
+                    ]
+                )
+            )
+            continue
+        fields = draw(st.lists(near_field, min_size=1, max_size=num_labels + 3))
+        seps = draw(st.lists(near_sep, min_size=len(fields), max_size=len(fields)))
+        lines.append("".join(f + s for f, s in zip(fields, seps, strict=True)))
+    ending = draw(st.sampled_from(["\n", "\r\n", ""]))
+    text = draw(st.sampled_from(["", "\ufeff"])) + "\n".join(lines) + ending
+    return text.encode("utf-8", "surrogatepass"), num_labels
+
+
+def run_parse(capsys, data: bytes, num_labels: int) -> tuple[int, str]:
+    """`tagflow parse FILE -n N --out OUT` in this process; checks the outcome every input must have."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path, out = Path(tmp) / "in.lst", Path(tmp) / "out.lst"
+        path.write_bytes(data)
+        capsys.readouterr()
+        status = cli.main(["parse", str(path), "-n", str(num_labels), "--out", str(out)])
+        stderr = capsys.readouterr().err
+        assert status in (0, 2), stderr
+        assert "Traceback" not in stderr
+        assert len(stderr) <= MAX_STDERR
+        if status == 0:
+            expected = parse_list(data, num_labels).sorted_by_id()
+            assert same(parse_list(out, num_labels), expected)
+        else:
+            assert stderr.startswith("tagflow: error: ") and not out.exists()
+    return status, stderr
+
+
+@CLI_FUZZ
+@given(st.binary(max_size=600), st.integers(1, 5))
+def test_parse_verb_on_arbitrary_bytes_exits_0_or_2_with_a_bounded_message(capsys, data, num_labels):
+    run_parse(capsys, data, num_labels)
+
+
+@CLI_FUZZ
+@given(near_valid_lists())
+def test_parse_verb_on_near_valid_lines_exits_0_or_2_and_its_output_reparses(capsys, case):
+    run_parse(capsys, *case)
+
+
+def test_parse_verb_on_a_huge_path_prints_it_cut(capsys):
+    status, stderr = run_parse(capsys, b"1\t0\t1\t" + b"a" * 10_000_000 + b"\n2\t0\t1\tb.jpg\n", 2)
+    assert status == 2 and len(stderr) < 500 and "(10000000 characters)" in stderr
+
+
+def test_parse_verb_accepts_a_valid_list(capsys):
+    status, _ = run_parse(capsys, b"2\t0\t1\tb.jpg\n1\t1\t1\ts3://bkt/a b.jpg\n", 2)
+    assert status == 0

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path, PurePosixPath
 
-from tagflow.errors import InputError
+from tagflow.errors import InputError, quote
 from tagflow.s3 import S3Uri
 
 MAX_SEGMENT_BYTES = 255  # a longer name fails on common Linux filesystems
@@ -29,7 +29,7 @@ def source_uri(path: str, source: S3Uri | None) -> S3Uri:
     if is_s3_uri(path):
         return S3Uri.parse(path)
     if source is None:
-        raise InputError(f"{path!r} is relative but no source prefix was given (--source s3://BUCKET/PREFIX)")
+        raise InputError(f"{quote(path)} is relative but no source prefix was given (--source s3://BUCKET/PREFIX)")
     return source.join(path.lstrip("/")) if path.strip("/") else S3Uri(source.bucket, source.key)
 
 
@@ -44,8 +44,8 @@ def _encode_segment(segment: str) -> str:
         else:
             out.append(ch)
     encoded = "".join(out)
-    if len(encoded.encode("utf-8")) > MAX_SEGMENT_BYTES:
-        raise InputError(f"path segment {segment[:40]!r}... is longer than {MAX_SEGMENT_BYTES} bytes")
+    if (size := len(encoded.encode("utf-8"))) > MAX_SEGMENT_BYTES:
+        raise InputError(f"path segment {quote(segment)} is longer than {MAX_SEGMENT_BYTES} bytes ({size} encoded)")
     return encoded
 
 
@@ -61,7 +61,7 @@ def local_relpath(path: str) -> PurePosixPath:
     else:
         raw = path.lstrip("/")
     if not raw:
-        raise InputError(f"{path!r} names no file")
+        raise InputError(f"{quote(path)} names no file")
     return PurePosixPath(*(_encode_segment(seg) for seg in raw.split("/")))
 
 
@@ -69,5 +69,5 @@ def local_path(root: Path, path: str) -> Path:
     """`root / local_relpath(path)`, checked to lie inside `root`."""
     full = root / local_relpath(path)
     if not full.resolve().is_relative_to(root.resolve()):
-        raise InputError(f"{path!r} would be stored outside {root} (through a symbolic link inside it)")
+        raise InputError(f"{quote(path)} would be stored outside {root} (through a symbolic link inside it)")
     return full

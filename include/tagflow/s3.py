@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tagflow.errors import InputError
+from tagflow.errors import InputError, quote
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -37,10 +37,10 @@ class S3Uri:
     @classmethod
     def parse(cls, uri: str) -> S3Uri:
         if not uri.startswith("s3://"):
-            raise InputError(f"{uri!r}: expected an S3 URI of the form s3://BUCKET/KEY")
+            raise InputError(f"{quote(uri)}: expected an S3 URI of the form s3://BUCKET/KEY")
         bucket, _, key = uri[len("s3://") :].partition("/")
         if not bucket:
-            raise InputError(f"{uri!r}: the S3 URI has no bucket name")
+            raise InputError(f"{quote(uri)}: the S3 URI has no bucket name")
         return cls(bucket, key)
 
     def join(self, *parts: str) -> S3Uri:
