@@ -68,3 +68,29 @@ def test_any_key_stays_inside_root(k):
 def test_mapping_is_injective(a, b):
     if a.lstrip("/") != b.lstrip("/"):
         assert local_relpath(a) != local_relpath(b)
+
+
+HUGE = "p" * 10_000_000
+
+
+@pytest.mark.parametrize(
+    ("call", "expected"),
+    [
+        (lambda: source_uri(HUGE, None), "is relative but no source prefix was given"),
+        (lambda: local_relpath("a/" + HUGE), "path segment 'ppp"),
+        (lambda: S3Uri.parse(HUGE), "expected an S3 URI of the form s3://BUCKET/KEY"),
+        (lambda: S3Uri.parse("s3:///" + HUGE), "the S3 URI has no bucket name"),
+    ],
+    ids=["no-source", "long-segment", "not-a-uri", "no-bucket"],
+)
+def test_messages_cut_a_huge_value_and_say_its_length(call, expected):
+    with pytest.raises(InputError) as info:
+        call()
+    message = str(info.value)
+    assert expected in message
+    assert len(message) < 400 and "characters)" in message
+
+
+def test_long_segment_message_says_its_encoded_size():
+    with pytest.raises(InputError, match=r"longer than 255 bytes \(300 encoded\)"):
+        local_relpath("dir/" + "%" * 100)

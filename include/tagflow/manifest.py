@@ -1,7 +1,9 @@
 """manifest.json: what a packed dataset contains and how it was made.
 
 Written beside train.rec/val.rec and uploaded last. Training reads `counts.train` for `num_training_samples` and
-`num_labels` for `num_classes`, so those never come from a form or a notebook constant.
+`num_labels` for `num_classes`, so those never come from a form or a notebook constant. `warnings` counts what the
+list holds that is valid but probably a mistake (`tagflow.listfile.list_warnings`): images without a label, labels
+no image carries, paths listed under several IDs; all zero for a clean list.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from tagflow import __version__
+from tagflow.listfile import list_warnings
 from tagflow.recordio import read_index
 
 if TYPE_CHECKING:
@@ -80,6 +83,7 @@ def build(
         "label_names": label_names,
         "label_counts": label_counts,
         "list_file": {"name": list_name or listfile.name, "sha256": list_sha256 or listfile.sha256},
+        "warnings": list_warnings(listfile, label_names).counts(),
         "pack_params": pack_params.to_dict(),
         "files": {
             split: {
