@@ -129,6 +129,23 @@ MALFORMED = [
         ],
     ),
     (
+        "spaces between tab-separated fields",
+        b"1 0 1\ta.jpg\n2\t0 1\tb.jpg\n3 0 1 c.jpg\t\n",
+        [
+            "L:1: the line mixes tabs and spaces between fields (a line with a tab is split at tabs only, so that "
+            "its path may contain spaces): expected 4 tab-separated fields (ID, 2 label values, path), found 2",
+            "L:2: the line mixes tabs and spaces between fields (a line with a tab is split at tabs only, so that "
+            "its path may contain spaces): expected 4 tab-separated fields (ID, 2 label values, path), found 3",
+            "L:3: the line mixes tabs and spaces between fields (a line with a tab is split at tabs only, so that "
+            "its path may contain spaces): expected 4 tab-separated fields (ID, 2 label values, path), found 2",
+        ],
+    ),
+    (
+        "one label and no path",
+        b"1 0\n",
+        ["L:1: 1 label value and no path after the ID (expected 2 label values, then a path)"],
+    ),
+    (
         "empty label between tabs",
         b"1\t\t1\ta.jpg\n",
         ["L:1: column 2 is empty (expected a label value 0 or 1)"],
@@ -219,7 +236,7 @@ MALFORMED = [
         "several lines, in line order",
         b"1\t0\t1\ta\n2\t0\n3\t0\t1\tc\nx\t0\t1\td\n3\t1\t1\te\n",
         [
-            "L:2: expected 2 label values, found 0",
+            "L:2: 1 label value and no path after the ID (expected 2 label values, then a path)",
             "L:4: ID 'x' is not an integer",
             "L:5: duplicate ID 3 (first on line 3)",
         ],

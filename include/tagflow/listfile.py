@@ -453,19 +453,26 @@ def _parse_line(
     tabbed = "\t" in text
     fields = [f.strip(" ") for f in text.split("\t")] if tabbed else [f for f in text.split(" ") if f]
 
-    # The field count first: a stray tab explains an empty ID better than "missing ID" does.
+    # The field count first: a stray tab or a space between tab-separated fields explains a bad ID better than
+    # "missing ID" or "not an integer" does.
     shape: str | None = None
     rest = fields[1:]
     if len(rest) != num_labels + 1:
+        expected = f"expected {num_labels + 2} tab-separated fields (ID, {num_labels} label values, path)"
         if not rest:
             shape = f"nothing after the ID (expected {num_labels} label values, then a path)"
         elif len(rest) == num_labels and all(v in ("0", "1") for v in rest):
             shape = f"missing path after the {num_labels} label values"
-        elif tabbed and (empty := _empty_fields(fields)):
+        elif len(rest) < num_labels and all(v in ("0", "1") for v in rest):
+            some = f"{len(rest)} label value{'s' if len(rest) > 1 else ''}"
+            shape = f"{some} and no path after the ID (expected {num_labels} label values, then a path)"
+        elif tabbed and any(" " in f for f in fields[: num_labels + 1]):
             shape = (
-                f"{empty}: expected {num_labels + 2} tab-separated fields (ID, {num_labels} label values, path), "
-                f"found {len(fields)}"
+                "the line mixes tabs and spaces between fields (a line with a tab is split at tabs only, so that "
+                f"its path may contain spaces): {expected}, found {len(fields)}"
             )
+        elif tabbed and (empty := _empty_fields(fields)):
+            shape = f"{empty}: {expected}, found {len(fields)}"
         else:
             found = len(rest) - 1
             hint = " (a path containing spaces needs tab-separated fields)" if not tabbed and found > num_labels else ""
@@ -478,6 +485,8 @@ def _parse_line(
     value: int | None = None
     if id_text.isascii() and id_text.isdigit() and len(id_text.lstrip("0")) <= 19 and int(id_text) <= MAX_ID:
         value = int(id_text)  # (length first: int() refuses strings over 4,300 digits)
+    elif shape and shape.startswith("the line mixes tabs and spaces"):
+        pass  # the first field is not the ID the line meant
     elif edge := _edge_space(id_text):
         errors.append(f"ID {quote(id_text)} {edge}; {_NOT_A_SEPARATOR}")
     elif id_text.isascii() and id_text.isdigit():
