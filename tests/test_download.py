@@ -516,7 +516,7 @@ CATCH = textwrap.dedent(
     import json, os, sys
     from pathlib import Path
     from tagflow import s3
-    from tagflow.errors import InputError
+    from tagflow.errors import TagflowError
     fs = Path(os.environ["FS"])
 
     def listing(folder):
@@ -526,8 +526,8 @@ CATCH = textwrap.dedent(
         try:
             fn()
             return None
-        except InputError as err:
-            return str(err)
+        except TagflowError as err:  # InputError (exit 2): the path given is wrong; else (exit 1) the machine failed
+            return f"{type(err).__name__}: {err}"
     """
 )
 
@@ -547,8 +547,8 @@ def test_read_only_and_full_destinations_are_one_message(s3_client, bucket, tmp_
     read_only = in_small_fs(tmp_path / "ro", code, read_only=True)
     ro = str(tmp_path / "ro" / "fs")
     assert read_only == {
-        "ro_root": f"download destination {ro!r} is not writable: the file system is read-only",
-        "ro_sub": f"cannot create download destination {ro + '/d'!r}: the file system is read-only",
+        "ro_root": f"InputError: download destination {ro!r} is not writable: the file system is read-only",
+        "ro_sub": f"InputError: cannot create download destination {ro + '/d'!r}: the file system is read-only",
     }
 
     code = CATCH + textwrap.dedent(
@@ -563,7 +563,7 @@ def test_read_only_and_full_destinations_are_one_message(s3_client, bucket, tmp_
     full = in_small_fs(tmp_path / "full", code, size="64k")
     assert full["full"] is not None, "the download should have run out of space"
     dest = str(tmp_path / "full" / "fs" / "d")
-    assert full["full"].startswith(f"cannot write '{dest}/")
+    assert full["full"].startswith(f"TagflowError: cannot write '{dest}/")
     assert full["full"].endswith("': no space left on the device (disk full)")
     assert not [name for name in full["left"] if Path(name).name.startswith(TMP_PREFIX)]
 

@@ -4,13 +4,24 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
+import signal
+import struct
+import subprocess
+import sys
+import textwrap
+import warnings
+import zlib
 from pathlib import Path
 
+import cv2
 import numpy as np
+import PIL
 import pytest
+import simplejpeg
 from PIL import Image, ImageDraw, ImageOps
 
-from tagflow.errors import InputError
+from tagflow.errors import InputError, TooManyFailures, check_bad_fraction
 from tagflow.pack import (
     ImageError,
     PackParams,
@@ -21,6 +32,7 @@ from tagflow.pack import (
     target_geometry,
 )
 from tagflow.recordio import RecordReader, unpack_payload
+from test_download import CATCH, in_small_fs
 
 N_LABELS = 5
 PARAMS = PackParams(train_ratio=0.6)  # both splits get images even from a handful
@@ -229,13 +241,22 @@ def test_pack_params_validation_and_digest():
         "quality": 95,
         "encoding": ".jpg",
         "train_ratio": 0.9,
+        "max_pixels": 4096 * 4096,
     }
+    # The default pixel limit leaves the digest as it was before the field existed, so staged packs are reused;
+    # another limit may admit or refuse other images, so it is a different pack.
+    before = {k: v for k, v in PackParams().to_dict().items() if k != "max_pixels"}
+    before |= {"encoder": 3, "simplejpeg": simplejpeg.__version__, "pillow": PIL.__version__, "opencv": cv2.__version__}
+    assert PackParams().digest() == hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()[:16]
+    assert PackParams(max_pixels=1000).digest() != PackParams().digest()
     for bad, message in [
         (dict(encoding=".gif"), "encoding '.gif'"),
         (dict(quality=0), "JPEG quality must be 1..100"),
         (dict(encoding=".png"), "PNG compression level must be 0..9"),
         (dict(resize=-1), "resize -1"),
         (dict(train_ratio=1.5), "train ratio 1.5"),
+        (dict(max_pixels=0), "max pixels '0': expected a whole number of pixels ≥ 1"),
+        (dict(max_pixels=2.5), "max pixels '2.5'"),
     ]:
         with pytest.raises(InputError, match=message):
             PackParams(**bad)
@@ -400,3 +421,185 @@ def test_im2rec_output_does_not_depend_on_thread_count(items, packed_im2rec, tmp
     pack_with_im2rec(items, tmp_path, PARAMS, workers=3)
     for name in ("train.rec", "train.idx", "val.rec", "val.idx"):
         assert (tmp_path / name).read_bytes() == (mx_out / name).read_bytes(), name
+
+
+# --- the pixel limit, and the output folder's faults ----------------------------------------------------------
+
+
+def grey_png(width: int, height: int) -> bytes:
+    """An 8-bit grey PNG of zeros, written row by row: a 12000×12000 one is 140 KB on disk and 144 MB decoded."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    compressor = zlib.compressobj(9)
+    row = bytes(width + 1)  # filter byte 0, then the samples
+    idat = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+@pytest.fixture(scope="module")
+def bomb(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("bomb") / "bomb.png"
+    path.write_bytes(grey_png(12000, 12000))
+    return path
+
+
+def test_images_above_the_pixel_limit_are_bad_images(bomb, images, tmp_path):
+    small = PackParams(train_ratio=0.6, max_pixels=200 * 240)
+    items = [
+        (1, [1, 0], bomb),
+        (2, [0, 1], images["land.jpg"]),  # 300×200 = 60,000: above, read by libjpeg-turbo's header
+        (3, [1, 1], images["cmyk.jpg"]),  # 220×200 = 44,000: at most the limit (Pillow's path)
+        (4, [1, 0], images["wide.png"]),  # 700×90 = 63,000: above, read by Pillow's header
+        (5, [0, 1], images["gray.png"]),  # 200×240 = 48,000: exactly the limit, accepted
+    ]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = pack(items, tmp_path, small, workers=2)
+    assert [w for w in caught if issubclass(w.category, Image.DecompressionBombWarning)] == []
+    limit = "above the limit of 48000 (PackParams.max_pixels / --max-pixels)"
+    assert [(e.image_id, e.path, e.reason) for e in report.errors] == [
+        (1, str(bomb), f"12000x12000 = 144000000 pixels, {limit}"),
+        (2, str(images["land.jpg"]), f"300x200 = 60000 pixels, {limit}"),
+        (4, str(images["wide.png"]), f"700x90 = 63000 pixels, {limit}"),
+    ]
+    assert sum(report.counts.values()) == 2
+    # Counted toward the bad-image threshold like any other bad image, and named with the reason.
+    errors = [{"path": e.path, "reason": e.reason} for e in report.errors]
+    with pytest.raises(TooManyFailures, match=r"3 of 5 images \(60\.00%\).*\n  .*bomb\.png: 12000x12000 = "):
+        check_bad_fraction(errors, len(items), 0.5)
+    # The default limit refuses the bomb too, and admits every ordinary test image.
+    default = pack([(1, [1], bomb), (2, [1], images["land.jpg"])], tmp_path / "default")
+    assert [(e.image_id, e.reason) for e in default.errors] == [
+        (1, "12000x12000 = 144000000 pixels, above the limit of 16777216 (PackParams.max_pixels / --max-pixels)")
+    ]
+
+
+def test_a_bomb_is_refused_before_it_costs_memory(bomb, images):
+    """In a fresh process: peak RSS stays near an ordinary pack's (2.1 GB before the limit), stderr stays empty."""
+    code = textwrap.dedent(
+        f"""
+        import json, resource, tempfile
+        from pathlib import Path
+        from tagflow.pack import pack
+        with tempfile.TemporaryDirectory() as out:
+            report = pack([(1, [1], Path({str(bomb)!r})), (2, [1], Path({str(images["land.jpg"])!r}))], Path(out))
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(json.dumps({{"reasons": [e.reason for e in report.errors], "peak_mb": peak_mb}}))
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""  # no DecompressionBombWarning
+    result = json.loads(done.stdout)
+    assert [r.split(",")[0] for r in result["reasons"]] == ["12000x12000 = 144000000 pixels"]
+    assert result["peak_mb"] < 300, result
+
+
+def test_output_folder_that_is_a_file_is_one_message(images, tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(InputError) as caught:
+        pack([(1, [1], images["land.jpg"])], afile)
+    assert str(caught.value) == (
+        f"pack output folder {str(afile)!r} exists but is not a folder: expected a folder, or a name to create one"
+    )
+    assert afile.read_text() == "x"
+
+
+def small_designs(folder: Path, count: int, side: int = 128) -> list[tuple[int, list[int], Path]]:
+    folder.mkdir(parents=True, exist_ok=True)
+    items = []
+    for n in range(count):
+        path = folder / f"{n:04}.jpg"
+        if not path.exists():
+            design(side, side, n % 50).save(path, quality=90)
+        items.append((n, [n % 2, 1 - n % 2], path))
+    return items
+
+
+PACK_FILES = ("train.rec", "train.idx", "val.rec", "val.idx")
+
+
+def test_read_only_and_full_output_folders_are_one_message(tmp_path):
+    items = small_designs(tmp_path / "images", 300)
+    code = CATCH + textwrap.dedent(
+        f"""
+        from tagflow.pack import pack
+        items = [(i, labels, Path(p)) for i, labels, p in {json.dumps([(i, lab, str(p)) for i, lab, p in items])}]
+        out = {{"ro_root": attempt(lambda: pack(items, fs)), "ro_sub": attempt(lambda: pack(items, fs / "out"))}}
+        print(json.dumps(out))
+        """
+    )
+    ro = str(tmp_path / "ro" / "fs")
+    assert in_small_fs(tmp_path / "ro", code, read_only=True) == {
+        "ro_root": f"InputError: pack output folder {ro!r} is not writable: the file system is read-only",
+        "ro_sub": f"InputError: cannot create pack output folder {ro + '/out'!r}: the file system is read-only",
+    }
+
+    code = CATCH + textwrap.dedent(
+        f"""
+        from tagflow.pack import pack
+        items = [(i, labels, Path(p)) for i, labels, p in {json.dumps([(i, lab, str(p)) for i, lab, p in items])}]
+        out_dir = fs / "out"
+        pack(items[:4], out_dir)  # an earlier dataset in the folder
+        (out_dir / "manifest.json").write_text("earlier")
+        before = {{name: (out_dir / name).read_bytes().hex() for name in {PACK_FILES!r}}}
+        error = attempt(lambda: pack(items, out_dir))
+        after = {{name: (out_dir / name).read_bytes().hex() for name in {PACK_FILES!r}}}
+        print(json.dumps({{"error": error, "unchanged": before == after, "left": listing(out_dir)}}))
+        """
+    )
+    full = in_small_fs(tmp_path / "full", code, size="128k")
+    out_dir = str(tmp_path / "full" / "fs" / "out")
+    assert full["error"] in {
+        f"TagflowError: cannot write {out_dir + '/' + name!r}: no space left on the device (disk full)"
+        for name in PACK_FILES
+    }
+    assert full["unchanged"] and full["left"] == sorted([*PACK_FILES, "manifest.json"])
+
+
+def test_a_killed_pack_leaves_the_earlier_dataset_and_a_rerun_replaces_it(tmp_path):
+    items = small_designs(tmp_path / "images", 1100, side=64)
+    out = tmp_path / "out"
+    pack(items[:10], out)  # the earlier dataset
+    (out / "manifest.json").write_text("earlier")
+    before = {name: (out / name).read_bytes() for name in PACK_FILES}
+    code = textwrap.dedent(
+        f"""
+        import json, os, signal
+        from pathlib import Path
+        from tagflow.pack import pack
+
+        def die(done, total):
+            if done >= 1024:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        rows = json.loads({json.dumps(json.dumps([(i, lab, str(p)) for i, lab, p in items]))})
+        pack([(i, labels, Path(p)) for i, labels, p in rows], Path({str(out)!r}), workers=2, progress=die)
+        """
+    )
+    killed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+
+    # What the killed run wrote sits under .partial names only: the dataset in the folder is the earlier one, whole.
+    assert {name: (out / name).read_bytes() for name in PACK_FILES} == before
+    assert (out / "manifest.json").read_text() == "earlier"
+    assert {p.name for p in out.iterdir()} - {*PACK_FILES, "manifest.json"} <= {f"{n}.partial" for n in PACK_FILES}
+
+    report = pack(items, out, workers=2)
+    clean = tmp_path / "clean"
+    pack(items, clean, workers=1)
+    assert sum(report.counts.values()) == 1100
+    assert sorted(p.name for p in out.iterdir()) == sorted(PACK_FILES)  # no .partial; the old manifest is gone
+    for name in PACK_FILES:
+        assert (out / name).read_bytes() == (clean / name).read_bytes(), name
+
+
+def test_messages_cut_a_huge_path(images, tmp_path):
+    huge = Path("/" + "d/" * 5_000_000 + "x.jpg")
+    with pytest.raises(ValueError, match="appears twice") as caught:
+        pack([(5, [1, 0], huge), (5, [0, 1], images["land.jpg"])], tmp_path)
+    assert len(str(caught.value)) < 1000 and "(10000006 characters)" in str(caught.value)

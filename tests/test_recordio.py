@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import errno
 import json
 import random
 import struct
@@ -217,6 +218,34 @@ def test_a_failed_write_keeps_the_previous_output(tmp_path):
         raise RuntimeError("crash mid-way")
     assert (rec.read_bytes(), idx.read_bytes()) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.idx", "x.rec"]
+
+
+def test_a_deferred_writer_commits_only_when_asked(tmp_path):
+    rec, idx = tmp_path / "x.rec", tmp_path / "x.idx"
+    with RecordWriter(rec, idx, deferred=True) as writer:
+        writer.write(1, b"one")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.idx.partial", "x.rec.partial"]
+    writer.commit()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.idx", "x.rec"]
+    with RecordReader(rec, idx) as reader:
+        assert reader.read(1) == b"one"
+    with RecordWriter(rec, idx, deferred=True) as writer:
+        writer.write(2, b"two")
+    writer.discard()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.idx", "x.rec"]
+    with RecordReader(rec, idx) as reader:
+        assert reader.keys() == [1]
+
+
+def test_a_write_error_names_the_file(tmp_path):
+    """A full disk (/dev/full answers every write with ENOSPC) shows on the final name; nothing is left behind."""
+    rec, idx = tmp_path / "x.rec", tmp_path / "x.idx"
+    (tmp_path / "x.rec.partial").symlink_to("/dev/full")
+    with pytest.raises(OSError) as caught, RecordWriter(rec, idx) as writer:
+        for key in range(1000):
+            writer.write(key, bytes(4096))  # more than the 1 MiB buffer: the write itself fails
+    assert (caught.value.errno, caught.value.filename) == (errno.ENOSPC, str(rec))
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_writer_outside_with_block_is_an_error(tmp_path):

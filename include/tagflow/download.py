@@ -389,7 +389,7 @@ class _Fetcher:
             return _Outcome(item, "error", reason=reason)
         except OSError as err:
             if err.errno in DEST_ERRNOS:  # the folder, not this object: stop the run (what landed is journaled)
-                raise InputError(f"cannot write {quote(self.dest / item.relpath)}: {os_error_reason(err)}") from None
+                raise os_failure(f"cannot write {quote(str(self.dest / item.relpath))}", err) from None
             return _Outcome(item, "error", reason=f"cannot write {quote(item.relpath)}: {os_error_reason(err)}")
 
     def _size_problem(self, size: int) -> str | None:
@@ -508,7 +508,7 @@ def _image_problem(data: bytes) -> str | None:
 # --- the destination folder ------------------------------------------------------------------------------------
 
 # Errors about the folder rather than one object: the run stops with a message instead of failing every object.
-DEST_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
+DEST_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO})
 _REASONS = {
     errno.ENOSPC: "no space left on the device (disk full)",
     errno.EDQUOT: "disk quota exceeded",
@@ -519,9 +519,19 @@ _REASONS = {
 }
 
 
+MACHINE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO})  # the machine failed, not the path given
+
+
 def os_error_reason(err: OSError) -> str:
     """An OSError in words, without its (possibly huge) file name: the caller names the file."""
     return _REASONS.get(err.errno or 0) or (err.strerror or type(err).__name__).lower()
+
+
+def os_failure(doing: str, err: OSError) -> TagflowError:
+    """`DOING: reason` as InputError (exit 2) when the path given is wrong (read-only, no permission, a file in the
+    way) or as TagflowError (exit 1) when the machine failed (disk full, quota, I/O error)."""
+    kind = TagflowError if err.errno in MACHINE_ERRNOS else InputError
+    return kind(f"{doing}: {os_error_reason(err)}")
 
 
 def ensure_folder(path: Path, role: str) -> Path:
@@ -541,7 +551,7 @@ def ensure_folder(path: Path, role: str) -> Path:
         where = f": {quote(str(blocker))} is a file" if blocker else ""
         raise InputError(f"cannot create {role} {quote(str(path))}{where}; expected folders along its path") from None
     except OSError as err:
-        raise InputError(f"cannot create {role} {quote(str(path))}: {os_error_reason(err)}") from None
+        raise os_failure(f"cannot create {role} {quote(str(path))}", err) from None
     if not os.access(path, os.W_OK | os.X_OK):
         reason = "the file system is read-only" if _read_only(path) else "permission denied"
         raise InputError(f"{role} {quote(str(path))} is not writable: {reason}")
@@ -578,7 +588,7 @@ class _Journal:
             if next(self.lines) % JOURNAL_SYNC_EVERY == 0:
                 os.fsync(self.fd)
         except OSError as err:
-            raise InputError(f"cannot write {quote(str(self.path))}: {os_error_reason(err)}") from None
+            raise os_failure(f"cannot write {quote(str(self.path))}", err) from None
 
     def landed(self, relpath: str, entry: list) -> None:
         """`relpath` is in place, whole; `entry` is its index entry [size, etag, mtime_ns]."""
@@ -618,7 +628,7 @@ def _index_lock(dest: Path) -> Iterator[None]:
     try:
         lock = open(dest / LOCK_NAME, "a")  # noqa: SIM115 - closed below, after the flock is released
     except OSError as err:
-        raise InputError(f"download destination {quote(str(dest))} is not writable: {os_error_reason(err)}") from None
+        raise os_failure(f"download destination {quote(str(dest))} is not writable", err) from None
     with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         yield
@@ -648,15 +658,16 @@ def _open_run(dest: Path) -> tuple[dict[str, list], _Journal]:
                         tmp.unlink(missing_ok=True)
         if dead:
             log.info("resuming from %d interrupted run(s) in %s", len(dead), dest)
-            _write_index(dest, index)
+            try:
+                _write_index(dest, index)
+            except OSError as err:
+                raise os_failure(f"cannot write {quote(str(dest / INDEX_NAME))}", err) from None
             for path in dead:
                 path.unlink(missing_ok=True)
         try:
             journal = _Journal(dest)
         except OSError as err:
-            raise InputError(
-                f"download destination {quote(str(dest))} is not writable: {os_error_reason(err)}"
-            ) from None
+            raise os_failure(f"cannot write the download journal in {quote(str(dest / JOURNAL_DIR))}", err) from None
     return index, journal
 
 

@@ -51,7 +51,8 @@ import PIL
 import simplejpeg
 from PIL import Image, ImageOps
 
-from tagflow.errors import InputError, TagflowError
+from tagflow.download import ensure_folder, open_header, os_failure
+from tagflow.errors import InputError, TagflowError, quote
 from tagflow.recordio import RecordWriter, read_index
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,11 @@ ENCODER_VERSION = 3  # bump when the native engine's output bytes change for the
 RESAMPLE = Image.Resampling.BILINEAR
 MAX_WARP_RATIO = 1.5
 MAX_TARGET_PIXELS = 50_000_000  # a 1×10,000 banner resized to 96 px would need 96×960,000
+# Images above this many pixels are refused from their header, before any pixel is decoded: decoding costs up to
+# ~13 bytes per source pixel at once (Pillow's 4-byte RGBX, the array copy, the resize input), so this bounds pack's
+# memory per worker thread (BENCHMARKS.md has the measured peak). 4096×4096 is 256 times the seed's ~256-px designs
+# and admits 12-megapixel camera photos (4032×3024); raise PackParams.max_pixels for larger sources.
+DEFAULT_MAX_PIXELS = 4096 * 4096
 SPLITS = ("train", "val")
 Split = Literal["train", "val"]
 PackItem = tuple[int, "np.ndarray | Sequence[float]", Path]
@@ -80,13 +86,15 @@ class ImageError(TagflowError):
 
 @dataclass(frozen=True)
 class PackParams:
-    """How images are packed: the im2rec options `--resize`, `--center-crop`, `--quality`, `--encoding`."""
+    """How images are packed: the im2rec options `--resize`, `--center-crop`, `--quality`, `--encoding`, and the
+    largest source image accepted (`max_pixels`, width × height read from its header; larger ones are bad images)."""
 
     resize: int = 96
     center_crop: bool = False
     quality: int = 95
     encoding: str = ".jpg"
     train_ratio: float = 0.9
+    max_pixels: int = DEFAULT_MAX_PIXELS
 
     def __post_init__(self) -> None:
         if self.encoding not in (".jpg", ".png"):
@@ -99,14 +107,23 @@ class PackParams:
             raise InputError(f"quality {self.quality}: PNG compression level must be 0..9 (as in im2rec)")
         if not 0.0 <= self.train_ratio <= 1.0:
             raise InputError(f"train ratio {self.train_ratio}: expected a fraction in 0..1")
+        if isinstance(self.max_pixels, bool) or not isinstance(self.max_pixels, int) or self.max_pixels < 1:
+            raise InputError(f"max pixels {quote(self.max_pixels)}: expected a whole number of pixels ≥ 1")
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
 
     def digest(self) -> str:
-        """A stable hash of the parameters and the native encoder's version: equal digests, equal bytes."""
+        """A stable hash of the parameters and the native encoder's version: equal digests, equal bytes.
+
+        `max_pixels` counts only when it is not the default: it never changes the bytes of an image it admits, and
+        packs staged before it existed (none of whose images came near the default) keep their digests.
+        """
+        params = self.to_dict()
+        if self.max_pixels == DEFAULT_MAX_PIXELS:
+            del params["max_pixels"]
         key = {
-            **self.to_dict(),
+            **params,
             "encoder": ENCODER_VERSION,
             "simplejpeg": simplejpeg.__version__,
             "pillow": PIL.__version__,
@@ -219,12 +236,22 @@ def _check_target(size: tuple[int, int]) -> None:
         raise ImageError(f"aspect ratio too extreme: the resized image would be {size[0]}×{size[1]} pixels")
 
 
+def _check_pixels(width: int, height: int, params: PackParams) -> None:
+    """Refuse a source image above `params.max_pixels` from its header, before any pixel is decoded."""
+    if width * height > params.max_pixels:
+        raise ImageError(
+            f"{width}x{height} = {width * height} pixels, above the limit of {params.max_pixels} "
+            "(PackParams.max_pixels / --max-pixels)"
+        )
+
+
 def _decode_jpeg(data: bytes, params: PackParams) -> np.ndarray | None:
     """Decode and resize a JPEG with libjpeg-turbo's DCT scaling; None when Pillow must handle it."""
     try:
         height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
     except ValueError:
         return None
+    _check_pixels(width, height, params)
     if colorspace not in ("YCbCr", "Gray", "RGB"):
         return None  # CMYK / YCCK: Pillow knows Adobe's inverted CMYK
     orientation = _exif_orientation(data)
@@ -261,7 +288,8 @@ def _dct_scale(width: int, height: int, scaled_w: int, scaled_h: int) -> float:
 
 def _decode_pillow(data: bytes, params: PackParams) -> np.ndarray:
     try:
-        with Image.open(io.BytesIO(data)) as opened:
+        with open_header(data) as opened:
+            _check_pixels(*opened.size, params)
             opened.load()
             try:
                 image = ImageOps.exif_transpose(opened)
@@ -272,8 +300,6 @@ def _decode_pillow(data: bytes, params: PackParams) -> np.ndarray:
             if image.mode != "RGB":
                 image = image.convert("RGB")
             pixels = np.asarray(image)
-    except Image.DecompressionBombError as exc:
-        raise ImageError(f"image too large: {exc}") from None
     except (OSError, ValueError, SyntaxError, EOFError, struct.error) as exc:
         raise ImageError(f"not a decodable image: {exc}") from None
     box, size = target_geometry(pixels.shape[1], pixels.shape[0], params)
@@ -349,9 +375,11 @@ def _prepare(items: Iterable[PackItem]) -> tuple[list[tuple[int, np.ndarray, Pat
     width = prepared[0][1].size if prepared else 0
     for (image_id, labels, path), previous in zip(prepared, [None, *prepared], strict=False):
         if previous is not None and previous[0] == image_id:
-            raise ValueError(f"image ID {image_id} appears twice ({previous[2]} and {path})")
+            raise ValueError(f"image ID {image_id} appears twice ({quote(str(previous[2]))} and {quote(str(path))})")
         if labels.size != width or width == 0:
-            raise ValueError(f"image {image_id} ({path}): {labels.size} labels, expected {width or 'at least 1'}")
+            raise ValueError(
+                f"image {image_id} ({quote(str(path))}): {labels.size} labels, expected {width or 'at least 1'}"
+            )
     return prepared, width
 
 
@@ -379,6 +407,13 @@ def _in_order(pool: ThreadPoolExecutor, fn: Callable, items: Sequence, window: i
         yield pending.popleft().result()
 
 
+def _commit(out_dir: Path, writers: Iterable[RecordWriter]) -> None:
+    """Rename complete `.partial` files into place, after removing the manifest that described the old ones."""
+    (out_dir / "manifest.json").unlink(missing_ok=True)
+    for writer in writers:
+        writer.commit()
+
+
 def default_workers() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
@@ -394,12 +429,17 @@ def pack(
 
     Records are in image-ID order within each split; the split comes from `split_of`. Unreadable images are
     recorded in the report and skipped. The output bytes depend only on the items and `params`, not on `workers`
-    (default: all cores) or timing. Each file is written whole or not at all.
+    (default: all cores) or timing.
+
+    The four files are written whole or not at all: under `.partial` names, renamed into place together only when
+    every record is written. Before the renames an earlier `manifest.json` in `out_dir` is removed, since it no
+    longer describes the files: the folder holds a dataset again once the caller writes the new manifest. A failed
+    or interrupted pack leaves an earlier dataset there as it was. A folder that cannot be created or written (a
+    file in its place, read-only, disk full) raises InputError naming it.
     """
     started = time.perf_counter()
     prepared, width = _prepare(items)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = ensure_folder(Path(out_dir), "pack output folder")
     workers = max(1, workers or default_workers())
     report = PackReport(out_dir, "native", params, label_counts={s: [0] * width for s in SPLITS})
     sums = {s: np.zeros(width, dtype=np.int64) for s in SPLITS}
@@ -411,21 +451,19 @@ def pack(
     # so threads use every core as processes did (measured), and they work inside any host process — an Airflow
     # task forked from a daemonic Celery worker may not start child processes at all.
     cv2.setNumThreads(1)  # one thread per core already; OpenCV's own threads would only contend
+    Image.init()  # register Pillow's decoders before threads race to do it lazily
     pool = ThreadPoolExecutor(workers, thread_name_prefix="pack") if workers > 1 and total > 1 else None
     encode = functools.partial(_encode_file, params=params)
     results: Iterable[tuple[bytes | None, str | None]] = (
         _in_order(pool, encode, paths, window=workers * 32) if pool else map(encode, paths)
     )
+    writers = {s: RecordWriter(out_dir / f"{s}.rec", out_dir / f"{s}.idx", deferred=True) for s in SPLITS}
     try:
-        with (
-            RecordWriter(out_dir / "train.rec", out_dir / "train.idx") as train,
-            RecordWriter(out_dir / "val.rec", out_dir / "val.idx") as val,
-        ):
-            writers = {"train": train, "val": val}
+        with writers["train"], writers["val"]:
             for done, ((image_id, labels, path), (image, reason)) in enumerate(zip(prepared, results, strict=True), 1):
                 if image is None:
                     report.errors.append(ImageFailure(image_id, str(path), reason or "unknown"))
-                    log.debug("skipped image %d (%s): %s", image_id, path, reason)
+                    log.debug("skipped image %d (%s): %s", image_id, quote(str(path)), reason)
                 else:
                     split = split_of(image_id, params.train_ratio)
                     writers[split].write_image(image_id, labels, image)
@@ -433,7 +471,12 @@ def pack(
                     sums[split] += labels.astype(np.int64)
                 if progress is not None and (done % 512 == 0 or done == total):
                     progress(done, total)
+        _commit(out_dir, writers.values())
+    except OSError as err:
+        raise os_failure(f"cannot write {quote(err.filename or str(out_dir))}", err) from None
     finally:
+        for writer in writers.values():
+            writer.discard()  # nothing left after a commit; after a failure, no `.partial` file stays behind
         if pool is not None:
             pool.shutdown(cancel_futures=True)
     report.label_counts = {s: sums[s].tolist() for s in SPLITS}
@@ -468,7 +511,7 @@ def _lst_line(image_id: int, labels: np.ndarray, path: Path) -> str:
     text = str(path.resolve())
     if re.search(r"[\t\r\n]", text) or text != text.strip():
         raise ValueError(
-            f"image {image_id}: path {text!r} cannot be written to an im2rec .lst (tab, newline or edge space)"
+            f"image {image_id}: path {quote(text)} cannot be written to an im2rec .lst (tab, newline or edge space)"
         )
     return "\t".join([str(image_id), *(f"{v:f}" for v in labels), text]) + "\n"
 
@@ -489,8 +532,7 @@ def pack_with_im2rec(
     """
     started = time.perf_counter()
     prepared, width = _prepare(items)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = ensure_folder(Path(out_dir), "pack output folder")
     python = mxnet_python()
     if not python.exists():
         raise TagflowError(f"{python} not found: the algorithm environment is needed for --engine mxnet")
@@ -524,7 +566,7 @@ def pack_with_im2rec(
                     sums += labels.astype(np.int64)
                 else:
                     reason = next(
-                        (line.strip() for line in run.stdout.splitlines() if str(path.resolve()) in line),
+                        (quote(line.strip()) for line in run.stdout.splitlines() if str(path.resolve()) in line),
                         "im2rec skipped it without a message",
                     )
                     report.errors.append(ImageFailure(image_id, str(path), reason))
@@ -533,6 +575,7 @@ def pack_with_im2rec(
             done += len(chosen)
             if progress is not None:
                 progress(done, len(prepared))
+        (out_dir / "manifest.json").unlink(missing_ok=True)  # as in `_commit`: it described the old files
         for split in SPLITS:  # only when both splits succeeded
             for ext in ("rec", "idx"):
                 os.replace(work / f"{split}.{ext}", out_dir / f"{split}.{ext}")

@@ -29,6 +29,7 @@ record's first part in the `.rec` file.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -118,18 +119,31 @@ def _partial(path: Path) -> Path:
     return path.with_name(path.name + ".partial")
 
 
+@contextlib.contextmanager
+def _named(path: Path) -> Iterator[None]:
+    """Name the final file in an OSError from writing it (a failed write names no file, a failed open its
+    `.partial` name), so a message can say which output could not be written."""
+    try:
+        yield
+    except OSError as err:
+        raise OSError(err.errno, err.strerror, str(path)) from err
+
+
 class RecordWriter:
     """Write a `.rec`/`.idx` pair, whole or not at all.
 
     Records go to `<name>.partial` files that are renamed onto the final names when the `with` block exits cleanly
-    (`.rec` first, then `.idx`); on an exception they are deleted. Every record is validated first: keys are unique
-    uint64 values, payloads fit in 29 bits, and image records (`write_image`) all carry the same number of labels,
-    which `ImageRecordIter(label_width=N)` requires.
+    (`.rec` first, then `.idx`); on an exception they are deleted. With `deferred=True` a clean exit leaves the
+    complete `.partial` files for the caller to `commit()` (or `discard()`) together with other writers' files.
+    Every record is validated first: keys are unique uint64 values, payloads fit in 29 bits, and image records
+    (`write_image`) all carry the same number of labels, which `ImageRecordIter(label_width=N)` requires.
+    An OSError while writing (disk full, read-only file system) names the final file it was writing.
     """
 
-    def __init__(self, rec_path: Path | str, idx_path: Path | str):
+    def __init__(self, rec_path: Path | str, idx_path: Path | str, *, deferred: bool = False):
         self.rec_path = Path(rec_path)
         self.idx_path = Path(idx_path)
+        self.deferred = deferred
         self.count = 0
         self.label_width: int | None = None
         self._keys: set[int] = set()
@@ -138,21 +152,44 @@ class RecordWriter:
         self._idx: BinaryIO | None = None
 
     def __enter__(self) -> RecordWriter:
-        self._rec = open(_partial(self.rec_path), "wb", buffering=1 << 20)  # closed in __exit__
-        self._idx = open(_partial(self.idx_path), "wb", buffering=1 << 16)
+        with _named(self.rec_path):
+            self._rec = open(_partial(self.rec_path), "wb", buffering=1 << 20)  # closed in __exit__
+        try:
+            with _named(self.idx_path):
+                self._idx = open(_partial(self.idx_path), "wb", buffering=1 << 16)
+        except BaseException:
+            self._rec.close()
+            self.discard()
+            raise
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
         assert self._rec is not None and self._idx is not None
-        self._rec.close()
-        self._idx.close()
-        if exc_type is None:
-            os.replace(_partial(self.rec_path), self.rec_path)
-            os.replace(_partial(self.idx_path), self.idx_path)
-            log.debug("wrote %d records (%d bytes) to %s", self.count, self._offset, self.rec_path)
-        else:
-            _partial(self.rec_path).unlink(missing_ok=True)
-            _partial(self.idx_path).unlink(missing_ok=True)
+        try:
+            for f, path in ((self._rec, self.rec_path), (self._idx, self.idx_path)):
+                with _named(path):
+                    f.close()  # flushes: a full disk may show only here
+        except BaseException:
+            for f in (self._rec, self._idx):
+                with contextlib.suppress(OSError):  # a close that failed to flush tries (and fails) again
+                    f.close()
+            self.discard()
+            raise
+        if exc_type is not None:
+            self.discard()
+        elif not self.deferred:
+            self.commit()
+
+    def commit(self) -> None:
+        """Rename the complete `.partial` files onto the final names (`.rec` first, then `.idx`)."""
+        os.replace(_partial(self.rec_path), self.rec_path)
+        os.replace(_partial(self.idx_path), self.idx_path)
+        log.debug("wrote %d records (%d bytes) to %s", self.count, self._offset, self.rec_path)
+
+    def discard(self) -> None:
+        """Delete the `.partial` files, if any; the final names are left as they were."""
+        _partial(self.rec_path).unlink(missing_ok=True)
+        _partial(self.idx_path).unlink(missing_ok=True)
 
     def _where(self) -> str:
         return f"{self.rec_path}, record #{self.count}"
@@ -175,8 +212,10 @@ class RecordWriter:
             )
         record = encode_record(payload)
         offset = self._offset
-        self._rec.write(record)
-        self._idx.write(b"%d\t%d\n" % (key, offset))
+        with _named(self.rec_path):
+            self._rec.write(record)
+        with _named(self.idx_path):
+            self._idx.write(b"%d\t%d\n" % (key, offset))
         self._keys.add(key)
         self._offset += len(record)
         self.count += 1
