@@ -584,6 +584,7 @@ def test_infer_num_labels_counts_the_first_line_and_parse_checks_the_rest():
 
     assert infer_num_labels(b"7\t0\t1\t1\ta.jpg\n") == 3
     assert infer_num_labels(b"\xef\xbb\xbf7 0 1 a.jpg\r\n8 1 0 b.jpg\r\n") == 2
+    assert infer_num_labels("7 0 1\x0ba\u00a0b.jpg\n".encode()) == 1  # split where the parser splits: spaces only
     with pytest.raises(ListFileError, match=r"x\.lst:1: cannot tell the label count"):
         infer_num_labels(b"7\ta.jpg\n", name="x.lst")
     data = b"1\t0\t1\ta.jpg\n2\t0\tb.jpg\n"

@@ -172,8 +172,8 @@ def infer_num_labels(data: bytes, *, name: str = "<list>") -> int:
     Every line is then validated against it by `parse_list`, so a file whose lines disagree still fails there.
     """
     first = data[len(_BOM) :] if data.startswith(_BOM) else data
-    line = first.split(b"\n", 1)[0].rstrip(b"\r")
-    fields = line.split(b"\t") if b"\t" in line else line.split()
+    line = first.split(b"\n", 1)[0].removesuffix(b"\r")
+    fields = line.split(b"\t") if b"\t" in line else [f for f in line.split(b" ") if f]  # as `_parse_line` splits
     if len(fields) < 3:
         raise ListFileError(
             [
