@@ -509,6 +509,29 @@ def run(job: Path, stop: dict[str, bool]) -> int:
     return 143 if summary.get("interrupted") else 0
 
 
+PARENT_ENV = "TAGFLOW_PARENT_PID"  # set by tagflow.local.runner (tagflow.local.process.child_env)
+PR_SET_PDEATHSIG = 1
+
+
+def end_with_parent() -> bool:
+    """Have the kernel SIGKILL this trainer when the process that started it dies, however it dies (a killed
+    Airflow task cannot stop its children after SIGKILL, and a trainer whose log pipe is gone trains on unseen).
+    False if that process is already gone. Without PARENT_ENV (SageMaker's container) nothing is done."""
+    expected = os.environ.get(PARENT_ENV)
+    if not expected:
+        return True
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        log.warning("prctl(PR_SET_PDEATHSIG) failed (errno %d): this trainer may outlive its runner",
+                    ctypes.get_errno())  # fmt: skip
+    if os.getppid() != int(expected):  # the parent died before the line above took effect
+        log.error("the process that started this job (pid %s) is gone: not training", expected)
+        return False
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--job-dir", type=Path, default=Path("/opt/ml"), help="the job folder (SageMaker: /opt/ml)")
@@ -525,6 +548,8 @@ def main(argv: list[str] | None = None) -> int:
         stop["now"] = True
 
     signal.signal(signal.SIGTERM, on_term)
+    if not end_with_parent():
+        return 1
     job = args.job_dir.resolve()
     try:
         return run(job, stop)

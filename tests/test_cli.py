@@ -95,7 +95,7 @@ def test_bad_list_exits_2_with_line_numbers_and_no_traceback(tmp_path):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (("parse", "/no/such.lst", "--num-labels", "3"), "/no/such.lst: no such file"),
+        (("parse", "/no/such.lst", "--num-labels", "3"), "'/no/such.lst': no such file or folder"),
         (("upload", "/no/such/dir", "s3://bkt/x"), "missing train.rec"),
         (("pack", "--list", "x.lst", "--root", ".", "--out-dir", "o", "-n", "2", "--engine", "gpu"), "--engine 'gpu'"),
     ],
@@ -160,3 +160,117 @@ def test_demo_runs_the_whole_dag_on_its_own_services(tmp_path):
     finally:
         endpoint.stop(home / "endpoints" / "tagflow-designs")
         s3server.stop(home / "s3")
+
+
+# --- bad paths and names: one line naming the path or value, exit 2, never a traceback -------------------------
+
+
+def _one_line_error(done: subprocess.CompletedProcess, *expected: str) -> str:
+    assert done.returncode == 2, (done.returncode, done.stderr)
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    for text in expected:
+        assert text in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.fixture
+def small_list(tmp_path) -> Path:
+    listed = tmp_path / "small.lst"
+    listed.write_text("1\t0\t1\ta.jpg\n2\t1\t0\tb.jpg\n")
+    return listed
+
+
+def test_an_output_folder_that_is_a_file_is_one_line(tmp_path, small_list):
+    blocker = tmp_path / "taken"
+    blocker.write_text("not a folder")
+    _one_line_error(
+        tagflow("pack", "--list", str(small_list), "--root", str(tmp_path), "--out-dir", str(blocker), "-n", "2"),
+        str(blocker),
+    )
+    _one_line_error(
+        tagflow("download", str(small_list), "--dest", str(blocker), "--source", "s3://bkt/images"), str(blocker)
+    )
+    _one_line_error(tagflow("parse", str(small_list), "-n", "2", "--out", str(blocker / "x.lst")), str(blocker))
+    assert blocker.read_text() == "not a folder"  # nothing was written over it
+
+
+def test_a_folder_given_as_the_list_file_says_it_is_a_folder(tmp_path):
+    line = _one_line_error(tagflow("parse", str(tmp_path), "-n", "2"), str(tmp_path))
+    assert "is a folder; expected a file" in line
+
+
+@pytest.mark.skipif(os.geteuid() == 0 and not os.environ.get("TAGFLOW_TEST_AS_USER"), reason="root reads anything")
+def test_an_unreadable_list_file_says_permission_denied(small_list):  # pragma: no cover - CI runs as root
+    small_list.chmod(0)
+    _one_line_error(tagflow("parse", str(small_list), "-n", "2"), "permission denied")
+
+
+def test_a_read_only_output_folder_is_one_line(tmp_path, small_list):
+    """A read-only file system, as a bind mount would give, is what even root cannot write to: use /proc."""
+    _one_line_error(tagflow("parse", str(small_list), "-n", "2", "--out", "/proc/tagflow-test.lst"), "/proc")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("run", "LIST", "s3://bkt/x/../y", "-n", "2"), "dataset 's3://bkt/x/../y': the prefix has a '..' segment"),
+        (("upload", "OUT", "s3://bkt/./y"), "dataset 's3://bkt/./y': the prefix has a '.' segment"),
+        (("run", "LIST", "s3://bkt/x//y", "-n", "2"), "has an empty segment"),
+        (("train", "--dataset", "s3://bkt/a/..", "--job-name", "j"), "--dataset 's3://bkt/a/..'"),
+        (("train", "--dataset", "s3://bkt/d", "--job-name", "../evil"), "--job-name '../evil': expected 1-63"),
+        (("tune", "--dataset", "s3://bkt/d", "--ranges", "R", "--job-name", "x" * 33), "expected 1-32 letters"),
+    ],
+)
+def test_bad_names_are_refused_before_any_s3_request(args, message, small_list, tmp_path):
+    # The S3 endpoint is closed: a message about it would mean the name reached S3 unchecked.
+    closed = {"AWS_ENDPOINT_URL_S3": "http://127.0.0.1:9", "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y"}
+    args = tuple(str(small_list) if a == "LIST" else str(tmp_path) if a in ("OUT", "R") else a for a in args)
+    _one_line_error(tagflow(*args, env=closed), message)
+
+
+def test_a_10_mb_name_is_not_echoed_in_full(small_list):
+    done = tagflow("run", str(small_list), "s3://bkt/" + "a/../" * 20_000, "-n", "2")  # argv's limit: 128 KB
+    assert done.returncode == 2 and len(done.stderr) < 2000, len(done.stderr)
+    assert "(100009 characters)" in done.stderr
+
+
+def test_ctrl_c_says_interrupted_and_what_was_left(tmp_path, s3_server, s3_client, bucket):
+    """SIGINT in the middle of a pack: `tagflow: interrupted` and what the folder holds (no dataset)."""
+    import signal
+    import time
+
+    data = demo.publish(3000, s3.S3Uri(bucket, "raw"), client=s3_client, workers=2)
+    mirror, out = tmp_path / "mirror", tmp_path / "packed"
+    ok("download", data.list_uri, "--source", data.images_uri, "--dest", str(mirror))
+    ok("pack", "--list", data.list_uri, "--root", str(mirror), "--out-dir", str(out), "--workers", "1")
+    assert (out / "manifest.json").is_file()  # an earlier, whole dataset in the folder
+    proc = subprocess.Popen(
+        [*TAGFLOW, "pack", "--list", data.list_uri, "--root", str(mirror), "--out-dir", str(out), "--workers", "1",
+         "--quality", "50"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ),
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and (out / "manifest.json").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)  # the new pack removes the old manifest before it writes anything
+    time.sleep(0.5)  # well into the 3,000 images
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert stderr.strip().splitlines()[-1].startswith("tagflow: interrupted; no dataset was left in"), stderr
+    assert "Traceback" not in stderr
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == []  # a whole dataset or none
+
+
+def test_a_failed_pack_leaves_no_stale_manifest(tmp_path, s3_server, s3_client, bucket):
+    data = demo.publish(20, s3.S3Uri(bucket, "raw"), client=s3_client, workers=1)
+    mirror, out = tmp_path / "mirror", tmp_path / "packed"
+    ok("download", data.list_uri, "--source", data.images_uri, "--dest", str(mirror))
+    ok("pack", "--list", data.list_uri, "--root", str(mirror), "--out-dir", str(out))
+    assert (out / "manifest.json").is_file()
+    for image in list(mirror.rglob("*.png"))[:5] + list(mirror.rglob("*.jpg"))[:5]:
+        image.write_bytes(b"not an image")  # 5+ of 20 bad: far above the 1 % threshold
+    done = tagflow("pack", "--list", data.list_uri, "--root", str(mirror), "--out-dir", str(out))
+    assert done.returncode == 1 and "could not be used, above the allowed" in done.stderr, done.stderr
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == []

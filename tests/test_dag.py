@@ -106,13 +106,25 @@ def test_invalid_form_values_are_refused_before_any_task_runs(airflow_env, conf,
     assert json.loads(runs.stdout.strip().splitlines()[-1]) == []  # no run was created, so no task ran
 
 
-def test_a_cross_field_error_fails_the_first_task_and_nothing_else_runs(airflow_env, tmp_path):
-    result = local_airflow.run_once(airflow_env, {"mode": "tune", "tuning_ranges": {}}, log_file=tmp_path / "run.log")
+@pytest.mark.parametrize(
+    ("conf", "message"),
+    [
+        ({"mode": "tune", "tuning_ranges": {}}, "tuning_ranges: mode is tune but no range is given"),
+        # checked with the algorithm's own rules before any image is fetched, not in local_train
+        ({"hyperparameters": {"epochs": "ten"}}, "hyperparameters: hyperparameter epochs='ten': expected a positive"),
+        (
+            {"mode": "tune", "tuning_ranges": {"learning_rate": {"type": "Bogus", "min": 0.01, "max": 0.1}}},
+            "ParameterRanges.learning_rate.type: 'Bogus': Continuous or Integer",
+        ),
+    ],
+)
+def test_a_config_error_fails_the_first_task_and_nothing_else_runs(airflow_env, tmp_path, conf, message):
+    result = local_airflow.run_once(airflow_env, conf, log_file=tmp_path / "run.log")
     assert result["state"] == "failed"
     assert result["tasks"]["resolve_config"] == "failed"
     ran = {task for task, state in result["tasks"].items() if state in ("success", "running", "failed")}
     assert ran == {"resolve_config"}
-    assert "tuning_ranges: mode is tune but no range is given" in (tmp_path / "run.log").read_text()
+    assert message in (tmp_path / "run.log").read_text()
 
 
 ENDPOINT_TOKEN = "test-endpoint-admin-token-5f1c"

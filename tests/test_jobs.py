@@ -118,3 +118,36 @@ def test_a_local_job_is_judged_by_the_model_it_saved_not_its_last_epoch():
         ],
     }
     assert jobs.candidate({"Training": describe}, "validation:accuracy")["value"] == 0.74
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"hyperparameters": {"epochs": "ten"}}, "hyperparameters: hyperparameter epochs='ten': expected a positive"),
+        ({"hyperparameters": {"num_layers": 17}}, "hyperparameter num_layers='17': expected one of 18, 34"),
+        ({"hyperparameters": {"optimiser": "sgd"}}, "unknown hyperparameter(s) 'optimiser'"),
+        (
+            {"mode": "tune", "tuning_ranges": {"learning_rate": {"type": "Bogus", "min": 0.01, "max": 0.1}}},
+            "ParameterRanges.learning_rate.type: 'Bogus': Continuous or Integer",
+        ),
+        ({"mode": "tune", "tuning_ranges": {"optimizer": ["sgd", "adamw"]}}, "optimizer='adamw': expected one of"),
+        (
+            {"mode": "tune", "tuning_ranges": {"learning_rate": {"type": "Continuous", "min": 0.01, "max": 2}}},
+            "learning_rate='2': expected a float in [0, 1]",
+        ),
+    ],
+)
+def test_preflight_refuses_what_the_training_task_would_with_the_same_message(params, message):
+    cfg = runconfig.resolve(params)
+    with pytest.raises(InputError) as err:
+        jobs.preflight(cfg)
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize("params", [{}, {"mode": "tune"}, {"backend": "sagemaker"}, {"preset": "ic-multi-label"}])
+def test_preflight_accepts_the_defaults_of_both_modes_backends_and_presets(params):
+    cfg = runconfig.resolve(params)
+    checked = jobs.preflight(cfg)
+    hyperparameters = checked.get("HyperParameters") or checked["TrainingJobDefinition"]["StaticHyperParameters"]
+    assert hyperparameters["num_classes"] == str(cfg.num_labels)
+    assert hyperparameters["image_shape"] == f"3,{cfg.resize},{cfg.resize}"

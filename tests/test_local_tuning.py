@@ -251,9 +251,10 @@ def test_auto_early_stopping_stops_the_trial_below_the_median(dataset, s3_client
     values = {job: [float(v) for v in re.findall(r"Epoch\[\d+\] Validation-accuracy=(\S+)", text)]
               for job, text in logs.items()}  # fmt: skip
     assert len(values[first]) == 4
-    # Stopped at the first epoch the pruner judges (1), below the first trial's value there; the trainer saved the
-    # best model so far, and the objective is the last value it logged, as SageMaker reports a stopped trial.
-    assert len(values[stopped]) == 2, values
+    # Stopped once the pruner judged epoch 1 below the first trial's value there (the stop lands asynchronously: on a
+    # busy machine a short epoch more may finish first), before its 4 epochs end; the trainer saved the best model so
+    # far, and the objective is the last value it logged, as SageMaker reports a stopped trial.
+    assert 2 <= len(values[stopped]) < 4, values
     assert max(values[stopped]) < values[first][1]
     assert "Stop requested (SIGTERM)" in logs[stopped]
     assert summaries[1]["FinalHyperParameterTuningJobObjectiveMetric"]["Value"] == pytest.approx(values[stopped][-1])

@@ -48,6 +48,11 @@ def test_every_default_satisfies_its_own_schema_and_every_field_is_documented():
         ("deploy", "yes"),
         ("endpoint_name", "-leading-hyphen"),
         ("endpoint_name", "x" * 64),
+        ("endpoint_name", "../../evil"),
+        ("dataset_prefix", "x/../y"),
+        ("dataset_prefix", ".."),
+        ("dataset_prefix", "./x"),
+        ("dataset_prefix", "a//b"),
         ("metric_gate", 1.5),
     ],
 )
@@ -80,6 +85,9 @@ def test_the_cutoff_travels_with_the_config():
         ({"backend": "sagemaker", "objective_metric": "validation:mAP"}, "reported only by the local trainer"),
         ({"list_uri": "s3://bucket"}, "names a bucket, not a list file"),
         ({"num_lables": 50}, "params: unknown field(s) num_lables"),
+        # the form's patterns refuse these too; resolve is also what a run triggered through the API meets
+        ({"dataset_prefix": "x/../y"}, "dataset_prefix: 'x/../y' has a '..' segment"),
+        ({"endpoint_name": "../../evil"}, "endpoint_name: '../../evil': expected 1-63 letters"),
     ],
 )
 def test_cross_field_rules_name_the_field(params, message):
@@ -93,3 +101,9 @@ def test_manual_runs_read_up_to_now_and_scheduled_runs_up_to_their_interval_end(
     assert runconfig.partition_cutoff("scheduled", end, after) == end
     assert runconfig.partition_cutoff("backfill", end, after) == end
     assert runconfig.partition_cutoff("manual", end, after) == after
+
+
+@pytest.mark.parametrize("prefix", ["mine/v2", "a.b/c..d", ".hidden-ok", "x/...", "50-label-rs96"])
+def test_the_form_accepts_dotted_names_that_are_not_dot_segments(prefix):
+    assert _valid("dataset_prefix", prefix)
+    assert runconfig.resolve({"dataset_prefix": prefix}).dataset_prefix == prefix

@@ -19,7 +19,7 @@ from typing import Annotated, Any
 import click
 import typer
 
-from tagflow.errors import TagflowError
+from tagflow.errors import TagflowError, describe_os_error, os_error_exit_code
 
 app = typer.Typer(
     name="tagflow",
@@ -41,6 +41,15 @@ LabelsOpt = Annotated[
     str | None,
     typer.Option("--labels", help="Label names, one per line in column order (file or s3:// URI)."),
 ]
+
+
+INTERRUPTED = 130  # the exit status of a command stopped by Ctrl-C (128 + SIGINT)
+# What an interrupted verb leaves behind, said after `tagflow: interrupted`; a verb that writes sets its own.
+_left_behind = ["nothing half-written was left (outputs are written under temporary names and renamed when whole)"]
+
+
+def _on_interrupt(sentence: str) -> None:
+    _left_behind[0] = sentence
 
 
 def _emit(as_json: bool, summary: dict[str, Any], sentence: str) -> None:
@@ -134,6 +143,7 @@ def download(
 
     raw, name = read_location(list_file)
     listfile = parse_list(raw, num_labels or infer_num_labels(raw, name=name), name=name)
+    _on_interrupt(f"the images already in {dest} are whole and kept; a re-run fetches only the rest")
     with _progress("download") as update:
         report = dl.download(
             listfile.paths,
@@ -171,7 +181,7 @@ def pack(
     """Pack images into im2rec-compatible RecordIO with multi-hot labels, split train/val by a hash of the ID."""
     from tagflow import manifest
     from tagflow import pack as packing
-    from tagflow.errors import InputError, TooManyFailures, check_bad_fraction
+    from tagflow.errors import InputError, check_bad_fraction
     from tagflow.listfile import infer_num_labels, parse_list
     from tagflow.paths import local_path
     from tagflow.pipeline import load_label_names, read_location
@@ -189,19 +199,25 @@ def pack(
         (int(i), listfile.labels[row], local_path(root, listfile.paths[row])) for row, i in enumerate(listfile.ids)
     ]
     started = time.perf_counter()
-    with _progress("pack") as update:
-        if engine == "native":
-            report = packing.pack(items, out_dir, params, workers=workers, progress=update)
-        else:
-            report = packing.pack_with_im2rec(items, out_dir, params, workers=workers)
-    errors = [dict(e) for e in report.to_dict()["errors"]]
+    # The manifest is the dataset's seal: an earlier one goes first, so an interrupted or failed pack never leaves
+    # new records under an old manifest (or old records with none); it is written again only when all is whole.
+    dataset_files = [out_dir / f for f in ("manifest.json", "train.rec", "train.idx", "val.rec", "val.idx")]
+    if out_dir.is_dir():
+        dataset_files[0].unlink(missing_ok=True)
+    _on_interrupt(f"no dataset was left in {out_dir} (a folder holds a dataset only with its manifest.json)")
     try:
+        with _progress("pack") as update:
+            if engine == "native":
+                report = packing.pack(items, out_dir, params, workers=workers, progress=update)
+            else:
+                report = packing.pack_with_im2rec(items, out_dir, params, workers=workers)
+        errors = [dict(e) for e in report.to_dict()["errors"]]
         check_bad_fraction(errors, len(listfile), max_bad_fraction)
-    except TooManyFailures:
-        for name_ in ("train.rec", "train.idx", "val.rec", "val.idx"):
-            (out_dir / name_).unlink(missing_ok=True)  # no dataset without its manifest
+        manifest.build(out_dir, listfile=listfile, label_names=names, pack_params=params, errors=errors, list_name=name)
+    except BaseException:
+        for path in dataset_files:
+            path.unlink(missing_ok=True)  # a folder is a whole dataset or holds none of it
         raise
-    manifest.build(out_dir, listfile=listfile, label_names=names, pack_params=params, errors=errors, list_name=name)
     seconds = time.perf_counter() - started
     summary = {**report.to_dict(), "out_dir": str(out_dir), "seconds": round(seconds, 3), "engine": engine}
     _emit(
@@ -220,9 +236,10 @@ def upload(
 ) -> None:
     """Upload a packed dataset to the seed's layout; unchanged files are not rewritten, the manifest goes last."""
     from tagflow import s3
+    from tagflow.names import check_dataset_uri
     from tagflow.pipeline import upload_dataset
 
-    uris = upload_dataset(s3.make_client(), out_dir, s3.S3Uri.parse(dataset))
+    uris = upload_dataset(s3.make_client(), out_dir, s3.S3Uri.parse(check_dataset_uri(dataset)))
     _emit(as_json, uris, "\n".join(uris.values()))
 
 
@@ -260,6 +277,7 @@ def run(
     def on_stage(name: str, seconds: float, _: dict) -> None:
         print(f"{name}: {seconds:.2f}s", file=sys.stderr, flush=True)
 
+    _on_interrupt("every staged shard in S3 is whole (one PUT each); a re-run reuses them and does the rest")
     summary = pipeline.run(spec, on_stage=on_stage)
     _emit(as_json, summary, _describe_run(summary))
 
@@ -292,9 +310,13 @@ def _dataset_request(dataset: str, hyperparameters: dict[str, str], job_name: st
     from datetime import UTC, datetime
 
     from tagflow import sagemaker_config as smc
+    from tagflow.names import check_dataset_uri, check_job_name
     from tagflow.pipeline import read_location
     from tagflow.s3 import S3Uri
 
+    check_dataset_uri(dataset, "--dataset")
+    if job_name is not None:
+        check_job_name(job_name, smc.TRAINING_NAME_MAX, "--job-name")
     manifest = json.loads(read_location(str(S3Uri.parse(dataset).join("training", "manifest.json")))[0])
     name = job_name or smc.training_job_name("tagflow", datetime.now(UTC).strftime("%Y%m%d-%H%M%S"))
     return smc.training_job_request(
@@ -337,6 +359,7 @@ def train(
             raise InputError(f"{request}: not a readable JSON request ({err})") from None
     else:
         job = _dataset_request(dataset, _hyperparameter_pairs(hp or []), job_name, max_runtime)
+    _on_interrupt("the training job and its trainer were stopped; a model is uploaded only whole, at the end")
     described = run_training_job(job, workdir=workdir)
     metrics = {m["MetricName"]: m["Value"] for m in described.get("FinalMetricDataList", [])}
     status = described["TrainingJobStatus"]
@@ -372,7 +395,10 @@ def tune(
     from tagflow import sagemaker_config as smc
     from tagflow.errors import InputError, TagflowError
     from tagflow.local.tuner import run_tuning_job
+    from tagflow.names import check_job_name
 
+    if job_name is not None:
+        check_job_name(job_name, smc.TUNING_NAME_MAX, "--job-name")
     try:
         spec = json.loads(ranges.read_text())
     except (OSError, ValueError) as err:
@@ -607,21 +633,26 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         result = app(args=argv, prog_name="tagflow", standalone_mode=False)
+        if result == INTERRUPTED:  # typer turns Ctrl-C into Exit(130), which it returns without standalone mode
+            print(f"tagflow: interrupted; {_left_behind[0]}", file=sys.stderr)
         return result if isinstance(result, int) else 0
     except click.exceptions.Exit as done:
         return done.exit_code
     except click.ClickException as err:
         err.show()
         return err.exit_code
-    except click.Abort:
-        print("tagflow: interrupted", file=sys.stderr)
-        return 130
+    except (click.Abort, KeyboardInterrupt):
+        print(f"tagflow: interrupted; {_left_behind[0]}", file=sys.stderr)
+        return INTERRUPTED
     except TagflowError as err:
         print(f"tagflow: error: {err}", file=sys.stderr)
         return err.exit_code
     except (BotoCoreError, ClientError, Boto3Error) as err:
         print(f"tagflow: AWS error: {err}", file=sys.stderr)
         return 1
+    except OSError as err:  # a path given that cannot be used, or the machine failing (disk full): one line
+        print(f"tagflow: error: {describe_os_error(err)}", file=sys.stderr)
+        return os_error_exit_code(err)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,9 @@ and what was expected. The CLI prints the message (no traceback) and exits with 
 
 from __future__ import annotations
 
+import errno
+import os
+
 
 class TagflowError(Exception):
     """A failure caused by input or environment, with a message meant for a person."""
@@ -61,3 +64,37 @@ def quote(value: object, limit: int = QUOTE_LIMIT) -> str:
     if len(text) <= limit:
         return repr(text)
     return f"{text[:limit]!r}... ({len(text)} characters)"
+
+
+# OS errors that mean the path given is wrong (exit 2); any other (disk full, I/O error) is a failure (exit 1).
+_BAD_PATH_ERRNOS = frozenset(
+    {errno.EEXIST, errno.ENOTDIR, errno.EISDIR, errno.EACCES, errno.EPERM, errno.ENOENT, errno.EROFS,
+     errno.ENAMETOOLONG, errno.ELOOP, errno.EXDEV}
+)  # fmt: skip
+
+
+def os_error_exit_code(err: OSError) -> int:
+    """2 when an OS error means the path a person gave is wrong (exists, not a folder, no permission, read-only),
+    1 for failures of the machine (disk full, I/O error, a refused connection)."""
+    return 2 if err.errno in _BAD_PATH_ERRNOS else 1
+
+
+def describe_os_error(err: OSError) -> str:
+    """One line for an OS error: the path(s) it concerns and what is wrong, e.g. `out: is an existing file, not a
+    folder (Not a directory)`; never a traceback."""
+    paths = [p for p in (err.filename, err.filename2) if p is not None]
+    where = " → ".join(quote(os.fsdecode(p)) for p in paths)
+    reason = err.strerror or str(err) or type(err).__name__
+    hint = {
+        errno.EEXIST: "it already exists",
+        errno.ENOTDIR: "a part of the path is a file, not a folder",
+        errno.EISDIR: "it is a folder, not a file",
+        errno.EACCES: "permission denied",
+        errno.EPERM: "operation not permitted",
+        errno.EROFS: "the file system is read-only",
+        errno.ENOSPC: "no space left on the device",
+        errno.ENOENT: "no such file or folder",
+        errno.EIO: "input/output error",
+    }.get(err.errno or -1)
+    text = hint or reason
+    return f"{where}: {text}" if where else text

@@ -122,6 +122,33 @@ def tuning_request(
     )
 
 
+PREFLIGHT_COUNT = 1_000_000  # a stand-in split size: the batch-size check needs the real data, so it waits for it
+
+
+def preflight(cfg: RunConfig) -> dict[str, Any]:
+    """Check in the run's first task what the training or tuning request can be checked for without data: the
+    hyperparameters (with the algorithm's own rules and messages), the tuning ranges (every end a range can reach)
+    and the request's shape. Raises InputError as the training task would, before any image is fetched; returns
+    the request checked (with stand-in counts where the data decides)."""
+    from tagflow.local import runner, tuner
+    from tagflow.sagemaker_config import LOCAL_IMAGE_URI, LOCAL_ROLE_ARN, check_hyperparameters
+
+    stand_in = {
+        "num_labels": cfg.num_labels,
+        "counts": {"train": PREFLIGHT_COUNT, "val": PREFLIGHT_COUNT},
+        "pack_params": {"resize": cfg.resize},
+    }
+    names = {"image_uri": LOCAL_IMAGE_URI, "role_arn": LOCAL_ROLE_ARN}
+    if cfg.mode == "tune":
+        request = tuning_request(cfg, stand_in, tuning_name="tagflow-preflight", **names)
+        tuner.validate_request(request)
+        return request
+    request = _training_request(cfg, stand_in, job_name="tagflow-preflight", **names)
+    check_hyperparameters(request["HyperParameters"], "hyperparameters")
+    runner.validate_request(request)
+    return request
+
+
 def training_candidate(describe: Mapping[str, Any], metric: str) -> dict[str, Any]:
     """The model a finished training job produced and its objective value (DescribeTrainingJob's shape).
 

@@ -43,8 +43,9 @@ from pathlib import Path
 from typing import Any
 
 from tagflow import manifest, s3
-from tagflow.errors import InputError, check_bad_fraction
+from tagflow.errors import InputError, check_bad_fraction, describe_os_error, quote
 from tagflow.listfile import ListFile, concat_lists, default_label_names, parse_list, read_label_names, write_list
+from tagflow.names import check_dataset_uri
 from tagflow.pack import PackParams, pack
 from tagflow.paths import local_path, source_uri
 from tagflow.recordio import merge_records
@@ -75,6 +76,11 @@ class DatasetSpec:
     download_workers: int = 32
     pack_workers: int | None = None
     list_until: str | None = None  # ISO time; with a partitioned list_uri, partitions dated before it are read
+
+    def __post_init__(self) -> None:
+        check_dataset_uri(self.dataset_uri, "dataset")  # where it enters: before any S3 request
+        if self.staging_uri:
+            check_dataset_uri(self.staging_uri, "staging")
 
     @property
     def staging(self) -> s3.S3Uri:
@@ -122,9 +128,12 @@ def read_location(location: str, client=None) -> tuple[bytes, str]:
         except client.exceptions.NoSuchKey:
             raise InputError(f"{location}: no such object") from None
     path = Path(location)
-    if not path.is_file():
-        raise InputError(f"{location}: no such file")
-    return path.read_bytes(), location
+    if path.is_dir():
+        raise InputError(f"{quote(location)} is a folder; expected a file")
+    try:
+        return path.read_bytes(), location
+    except OSError as err:
+        raise InputError(f"cannot read {describe_os_error(err)}") from None
 
 
 def load_label_names(location: str | None, num_labels: int, client=None) -> list[str]:

@@ -9,16 +9,18 @@ they are read from the packed dataset's manifest (`sagemaker_config.dataset_hype
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from tagflow.errors import InputError
+from tagflow import names
+from tagflow.errors import InputError, quote
 
 S3_URI_PATTERN = r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?$"
-ENDPOINT_NAME_PATTERN = r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$"
+# Segments of S3-safe characters, none of them `.` or `..` (tagflow.names says why).
+_SEGMENT = r"(?!\.\.?(/|$))[A-Za-z0-9!_.*'()\-]+"
+PREFIX_PATTERN = rf"^{_SEGMENT}(/{_SEGMENT})*$"
 OBJECTIVES = ("validation:accuracy", "validation:mAP", "validation:micro_f1", "validation:macro_f1")
 SAGEMAKER_OBJECTIVES = ("validation:accuracy",)  # what the built-in algorithm itself reports
 
@@ -106,7 +108,7 @@ PARAMS: dict[str, dict[str, Any]] = {
     },
     "dataset_prefix": _nullable(
         "string",
-        pattern=r"^[A-Za-z0-9!_.*'()\-]+(/[A-Za-z0-9!_.*'()\-]+)*$",
+        pattern=PREFIX_PATTERN,
         title="Dataset prefix",
         description="PREFIX in s3://BUCKET/PREFIX/{training,validation,output}/.",
         section="Dataset",
@@ -245,7 +247,7 @@ PARAMS: dict[str, dict[str, Any]] = {
     "endpoint_name": {
         "type": "string",
         "default": "tagflow-designs",
-        "pattern": ENDPOINT_NAME_PATTERN,
+        "pattern": names.ENDPOINT_NAME_PATTERN,
         "title": "Endpoint name",
         "description": "The SageMaker endpoint (or the local endpoint's name) the model is deployed to.",
         "section": "Deployment",
@@ -363,8 +365,9 @@ def resolve(params: Mapping[str, Any], *, list_until: datetime | None = None) ->
             f"objective_metric: {values['objective_metric']} is reported only by the local trainer; "
             f"on SageMaker use one of {', '.join(SAGEMAKER_OBJECTIVES)}"
         )
-    if not re.fullmatch(ENDPOINT_NAME_PATTERN, values["endpoint_name"]):
-        raise InputError(f"endpoint_name: {values['endpoint_name']!r}: letters, digits and inner hyphens, ≤ 63")
+    names.check_endpoint_name(values["endpoint_name"], "endpoint_name:")
+    if problem := names.prefix_problem(values["dataset_prefix"]):
+        raise InputError(f"dataset_prefix: {quote(values['dataset_prefix'])} {problem}")
     return RunConfig(
         preset=preset,
         **values,

@@ -8,9 +8,13 @@ deterministic per (prefix, run key), within SageMaker's limits (training 63, tun
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import importlib.util
 import re
+import sys
 from collections.abc import Mapping
+from types import ModuleType
 from typing import Any
 
 from tagflow.errors import InputError
@@ -99,6 +103,33 @@ def hyperparameter_strings(hyperparameters: Mapping[str, Any]) -> dict[str, str]
             raise InputError(f"HyperParameters.{name}: names are limited to 256 and values to 2,500 characters")
         out[str(name)] = text
     return out
+
+
+@functools.cache
+def hyperparameter_spec() -> ModuleType:
+    """The built-in algorithm's hyperparameter rules (algo/ic_hyperparams.py), loaded as plain Python: it imports
+    neither MXNet nor tagflow, so the trainer, the tuner and a run's first task judge hyperparameters alike."""
+    from tagflow.local import REPO
+
+    path = REPO / "algo" / "ic_hyperparams.py"
+    name = "tagflow_algo_ic_hyperparams"
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise InputError(f"cannot load the algorithm's hyperparameter spec {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # its dataclasses look their module up while being defined
+    spec.loader.exec_module(module)
+    return module
+
+
+def check_hyperparameters(hyperparameters: Mapping[str, str], where: str = "HyperParameters") -> None:
+    """InputError with the algorithm's own message (the name, the value, what is valid) unless the built-in would
+    accept these string hyperparameters."""
+    spec = hyperparameter_spec()
+    try:
+        spec.parse(dict(hyperparameters))
+    except spec.HyperparameterError as err:
+        raise InputError(f"{where}: {err}") from None
 
 
 def _check(condition: bool, field: str, message: str) -> None:

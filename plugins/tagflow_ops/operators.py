@@ -120,12 +120,21 @@ class TagflowOperator(BaseOperator):
     def run(self, context: Context) -> Any:
         raise NotImplementedError
 
+    def on_kill(self) -> None:
+        """The task is being killed (marked failed, timed out): stop the jobs it started (a trainer, tuning
+        trials), which run as process groups of their own and would otherwise run on."""
+        from tagflow.local import process
+
+        stopped = process.stop_owned()
+        if stopped:
+            self.log.warning("task killed: stopped the process group(s) it started: %s", stopped)
+
 
 class ResolveConfigOperator(BaseOperator):
     """Validate the run's params across fields and fill presets; the result is every later task's `config`."""
 
     def execute(self, context: Context) -> dict[str, Any]:
-        from tagflow import runconfig
+        from tagflow import jobs, runconfig
 
         run = context["dag_run"]
         run_type = getattr(run.run_type, "value", run.run_type)  # DagRunType is an enum: "scheduled", "backfill", …
@@ -134,6 +143,7 @@ class ResolveConfigOperator(BaseOperator):
         )
         with bad_input_fails_fast():
             cfg = runconfig.resolve(dict(context["params"]), list_until=cutoff)
+            jobs.preflight(cfg)  # hyperparameters and tuning ranges fail here, not after the data plane ran
         self.log.info("run %s: preset %s, %s/%s, dataset %s, list %s (partitions before %s)", run.run_id,
                       cfg.preset, cfg.backend, cfg.mode, cfg.dataset_uri, cfg.list_uri, cfg.list_until)  # fmt: skip
         return cfg.to_dict()

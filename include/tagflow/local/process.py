@@ -6,7 +6,10 @@ import contextlib
 import os
 import signal
 import socket
+import subprocess
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -33,8 +36,9 @@ def read_pid(pid_file: Path) -> int:
         return 0
 
 
-def stop_group(pid: int, timeout: float = 20) -> bool:
-    """SIGTERM the process group led by `pid`, SIGKILL it after `timeout`; True if it was running."""
+def stop_group(pid: int, timeout: float = 20, *, reap: bool = True) -> bool:
+    """SIGTERM the process group led by `pid`, SIGKILL it after `timeout`; True if it was running. `reap=False`
+    leaves the exit status to the Popen that waits for it (stopping from a signal handler)."""
     if not pid or not pid_alive(pid):
         return False
     with contextlib.suppress(ProcessLookupError):
@@ -45,9 +49,56 @@ def stop_group(pid: int, timeout: float = 20) -> bool:
     if pid_alive(pid):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, signal.SIGKILL)
-    with contextlib.suppress(ChildProcessError):
-        os.waitpid(pid, 0)  # reap it when it was our child
+    if reap:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)  # reap it when it was our child
     return True
+
+
+# Process groups this process started for a job (a trainer, a tuning trial) and still waits for: what a task's
+# `on_kill` stops, so that killing a task never leaves its work running.
+_owned: set[int] = set()
+_owned_lock = threading.Lock()
+KILL_GRACE_S = 3.0  # Airflow escalates SIGTERM to SIGKILL after 5 s: stop the children within that
+
+
+@contextlib.contextmanager
+def owned(proc: subprocess.Popen) -> Iterator[subprocess.Popen]:
+    """Register `proc` (the leader of its own process group) for `stop_owned` while the block runs."""
+    with _owned_lock:
+        _owned.add(proc.pid)
+    try:
+        yield proc
+    finally:
+        with _owned_lock:
+            _owned.discard(proc.pid)
+
+
+def stop_owned(grace: float = KILL_GRACE_S) -> list[int]:
+    """Stop every process group registered with `owned` (SIGTERM, SIGKILL after `grace`); returns their PIDs.
+    Safe in a signal handler: it does not reap, so the Popen waiting for each one still gets its exit status."""
+    with _owned_lock:
+        pids = sorted(_owned)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while any(pid_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for pid in pids:
+        if pid_alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+    return pids
+
+
+PARENT_ENV = "TAGFLOW_PARENT_PID"  # set for a job's process: it exits when this process dies (algo/ic_train.py)
+
+
+def child_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """`env` (default: this process's) plus PARENT_ENV, so the job's process can stop itself if we are killed
+    with SIGKILL, which no handler of ours can see."""
+    return {**(os.environ if env is None else env), PARENT_ENV: str(os.getpid())}
 
 
 def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:

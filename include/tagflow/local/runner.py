@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from tagflow import s3
 from tagflow.errors import InputError
+from tagflow.local import process
 from tagflow.sagemaker_config import CHANNELS, LOCAL_METRIC_DEFINITIONS, METRIC_DEFINITIONS, RECORDIO
 
 if TYPE_CHECKING:
@@ -214,17 +215,21 @@ def _run_trainer(
     """Run the trainer until it exits, the deadline passes or `stop` is set: (exit status, why it was stopped,
     timestamped log lines)."""
     lines: list[tuple[datetime, str]] = []
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    with log_path.open("w") as sink:
-        proc = subprocess.Popen(
-            [str(python), str(TRAINER), "--job-dir", str(job_dir)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            bufsize=1,
-            env=env,
-            start_new_session=True,  # its own process group, so a stop reaches the decoder threads' children too
-        )
+    env = process.child_env({**os.environ, "PYTHONUNBUFFERED": "1"})  # the trainer ends if this process is killed
+    with (
+        log_path.open("w") as sink,
+        process.owned(
+            subprocess.Popen(
+                [str(python), str(TRAINER), "--job-dir", str(job_dir)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                bufsize=1,
+                env=env,
+                start_new_session=True,  # its own process group, so a stop reaches the decoder threads' children too
+            )
+        ) as proc,
+    ):
 
         def pump() -> None:
             assert proc.stdout is not None

@@ -42,25 +42,26 @@ Optuna as failed; the tuning job fails only when no trial yields the objective.
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import importlib.util
 import json
 import logging
 import math
 import re
-import sys
 import threading
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from datetime import UTC, datetime
 from pathlib import Path
-from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from tagflow.errors import InputError
-from tagflow.local.runner import REPO, run_training_job
+from tagflow.local.runner import run_training_job
 from tagflow.local.runner import validate_request as validate_training_request
-from tagflow.sagemaker_config import LOCAL_METRIC_DEFINITIONS, METRIC_DEFINITIONS, TRAINING_NAME_MAX
+from tagflow.sagemaker_config import (
+    LOCAL_METRIC_DEFINITIONS,
+    METRIC_DEFINITIONS,
+    TRAINING_NAME_MAX,
+    hyperparameter_spec,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -71,7 +72,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-HYPERPARAMS_SPEC = REPO / "algo" / "ic_hyperparams.py"
 ARN_PREFIX = "arn:aws:sagemaker:local:000000000000:hyper-parameter-tuning-job/"
 TRAINING_ARN_PREFIX = "arn:aws:sagemaker:local:000000000000:training-job/"
 STRATEGIES = ("Bayesian", "Random")
@@ -80,19 +80,6 @@ FAILURE_REASON_MAX = 1024
 EPOCH = re.compile(r"Epoch\[(\d+)\]")
 PRUNER_STARTUP_TRIALS = 1  # completed trials before any trial can be stopped (see the module docstring)
 PRUNER_WARMUP_EPOCHS = 1  # the first epoch (0) is never judged
-
-
-@functools.cache
-def _algorithm_spec() -> ModuleType:
-    """algo/ic_hyperparams.py, loaded as plain Python (it imports neither MXNet nor tagflow)."""
-    name = "tagflow_algo_ic_hyperparams"
-    spec = importlib.util.spec_from_file_location(name, HYPERPARAMS_SPEC)
-    if spec is None or spec.loader is None:
-        raise InputError(f"cannot load the algorithm's hyperparameter spec {HYPERPARAMS_SPEC}")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # its dataclasses look their module up while being defined
-    spec.loader.exec_module(module)
-    return module
 
 
 # --- request validation ----------------------------------------------------------------------------------------
@@ -161,7 +148,7 @@ def validate_request(request: dict[str, Any]) -> None:
     if ranges.get("AutoParameters"):
         raise InputError("HyperParameterTuningJobConfig.ParameterRanges.AutoParameters: not supported locally")
 
-    spec = _algorithm_spec()
+    spec = hyperparameter_spec()
     static = dict(request["TrainingJobDefinition"].get("StaticHyperParameters", {}))
     seen: set[str] = set()
     ends: list[tuple[str, str, str]] = []  # (field, hyperparameter, value) to try with the trainer's parser
