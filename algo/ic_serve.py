@@ -1,6 +1,8 @@
 """Serve one image-classification model over HTTP, like a SageMaker endpoint (runs in the MXNet algorithm environment).
 
-    .venv-mxnet/bin/python algo/ic_serve.py --name NAME [--host 127.0.0.1] [--port 8080] [--work-dir DIR]
+    TAGFLOW_ENDPOINT_TOKEN=SECRET .venv-mxnet/bin/python algo/ic_serve.py --name NAME [--host 127.0.0.1] [--port 8080]
+        [--work-dir DIR] [--model-root DIR] [--s3-endpoint URL ...] [--max-bytes N] [--max-pixels N]
+        [--idle-timeout S] [--read-timeout S] [--max-connections N]
 
 The server starts with no model; `POST /admin/load` gives it one (tagflow.local.endpoint.load does it). A model is a
 model.tar.gz as ic_train.py (or SageMaker's built-in algorithm) writes it: `image-classification-symbol.json`,
@@ -13,8 +15,8 @@ Routes (stdlib ThreadingHTTPServer, HTTP/1.1 keep-alive):
 - `GET /ping`: 200 once a model is loaded, 503 before (the container contract).
 - `POST /invocations`: one image (`image/jpeg`, `image/png`, `application/x-image`) → JSON array of `num_classes`
   probabilities (sigmoid per label for multi-label models, softmax otherwise). 503 without a model, 415 for other
-  content types, 413 over `--max-bytes` (default 6 MB, SageMaker's payload limit), 400 for empty or undecodable
-  bodies; errors are JSON `{"message": ...}` and never stop the server.
+  content types, 413 over `--max-bytes` or `--max-pixels`, 400 for empty or undecodable bodies, 408 for a body
+  not received in time; errors are JSON `{"message": ...}` and never stop the server.
 - `POST /endpoints/NAME/invocations`: the SageMaker Runtime InvokeEndpoint route (what botocore's
   `sagemaker-runtime` client sends), answering with its response headers (`x-Amzn-Invoked-Production-Variant`).
   Errors come back as InvokeEndpoint's: `ModelError` (424) carrying `OriginalStatusCode` and `OriginalMessage` for
@@ -22,17 +24,45 @@ Routes (stdlib ThreadingHTTPServer, HTTP/1.1 keep-alive):
   an unknown endpoint name. SigV4 signatures are not checked.
 - `GET /metadata`: model folder, source, load time, shape, and metrics.json (a deploy gate reads the objective
   here); 503 without a model.
-- `POST /admin/load` `{"model_url": URL, "source": "s3://…", "name": NAME}`: fetch a model.tar.gz from URL (http(s),
-  e.g. an S3 presigned GET; or file:// for an archive on this machine, from loopback clients only), extract it into
-  a new folder under `--work-dir`, load and warm it completely, then swap one reference: requests already running
-  finish on the old model, none is dropped, and the old model's folder is deleted. `source` is what /health and
-  /metadata report (default: the URL without its query); `name`, when given, is the endpoint's name from then on.
-  Any failure answers JSON `{"message": ...}` (400 bad request, 403 not authorized, 413 too large, 422 not a
-  model, 502/504 the download failed) and the old model keeps serving. One load runs at a time.
+- `POST /admin/load` `{"model_url": URL, "source": "s3://…", "name": NAME}`: fetch a model.tar.gz from URL, extract
+  it into a new folder under `--work-dir`, load and warm it completely, then swap one reference: requests already
+  running finish on the old model, none is dropped, and the old model's folder is deleted. `source` is what /health
+  and /metadata report (default: the URL without its query); `name`, when given, is the endpoint's name from then
+  on. Any failure answers JSON `{"message": ...}` (400 bad request, 403 not authorized or a source not accepted,
+  413 too large, 422 not a model, 502/504 the download failed) and the old model keeps serving. One load at a time.
 
-Admin authorization: when the environment has TAGFLOW_ENDPOINT_TOKEN, every /admin/load must carry
-`Authorization: Bearer <that token>` (compared in constant time), loopback clients included; without a token,
-only loopback clients may load. Reads (/health, /ping, /metadata, invocations) are open, as on a container.
+Model sources: only what tagflow itself produces. An S3 presigned GET URL (SigV4: `X-Amz-Signature` in the query)
+on an origin given by `--s3-endpoint` (the local S3 server; scheme, host and port must match) or on an AWS S3 host
+over https (`*.amazonaws.com` names starting `s3` or `BUCKET.s3`); redirects are not followed. Or `file://` for an
+archive under `--model-root` (symbolic links resolved first), from loopback clients only. A failed download says
+the status code and the object (the URL without its query: a presigned signature is a credential), never the
+upstream body; a local archive that is missing or unreadable gets one message for both.
+
+Admin authorization: the server needs TAGFLOW_ENDPOINT_TOKEN (at least 16 characters) and refuses to start
+without; every /admin/load must carry `Authorization: Bearer <that token>` (compared in constant time), loopback
+clients included. Reads (/health, /ping, /metadata, invocations) are open, as on a container.
+
+Limits (each a flag; tagflow.local.endpoint.start passes them):
+
+- `--max-bytes` 6 MB (SageMaker's payload limit): a larger body gets 413 before it is read; the server then closes
+  its side for writing and reads and discards what the client still sends (bounded by DRAIN_LIMIT and the request's
+  read timeout), so the client reads the answer instead of a reset.
+- `--max-pixels` 16,777,216 (4096 x 4096): the image's size is read from its header (Pillow, `Image.open`, which
+  decodes nothing) and a larger image, or one whose resize for the model would be larger, gets 413 with both
+  numbers before any decoding. The training designs are ~256 px and a 12-megapixel phone photo still passes; a
+  decode then needs at most 3 x 16.8 M = 48 MiB (RGB). OpenCV's own guard OPENCV_IO_MAX_IMAGE_PIXELS is set to
+  the same limit as a second line, for any image whose header Pillow would read differently.
+- `--idle-timeout` 10 s: a keep-alive connection with no new request for this long is closed.
+- `--read-timeout` 30 s: from a request's first byte, its headers and body must arrive within this (a client
+  sending a byte now and then is cut off too); 408 when the body is late.
+- `--max-connections` 64: connections served at once, one thread each. At the bound a new connection takes the
+  place of the longest-idle keep-alive connection (closed); if every connection is in a request, it gets 503
+  `{"message": ...}` at once and is closed. Idle connections cost nothing else, and a slow client holds one slot
+  for at most the read timeout.
+
+Decoding runs in the request threads, at most one per core at a time (DECODE_SLOTS), so the memory the server needs
+is bounded: the model + max_connections x max_bytes of bodies + DECODE_SLOTS x 3 x max_pixels of decoded pixels
+(BENCHMARKS.md has it measured).
 
 Preprocessing matches what the trainer's ImageRecordIter feeds the net: decode with OpenCV (3 channels, or 1 when the
 model's image_shape has 1), resize the shorter side to the `resize` hyperparameter (or to max(H, W) when unset),
@@ -44,14 +74,17 @@ one forward at a time, taken from an idle queue, while decoding happens in the r
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gzip
 import hmac
+import io
 import ipaddress
 import json
 import logging
 import os
 import queue
 import re
+import select
 import shutil
 import signal
 import socket
@@ -63,21 +96,33 @@ import time
 import urllib.error
 import urllib.request
 import zlib
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
-import cv2
 import numpy as np
+
+# cv2 is imported where it is used, after main() has set OPENCV_IO_MAX_IMAGE_PIXELS (read once, at import).
 
 log = logging.getLogger("ic-serve")
 
 MODEL_PREFIX = "image-classification"
 IMAGE_TYPES = frozenset({"image/jpeg", "image/png", "application/x-image"})
 DEFAULT_MAX_BYTES = 6 * 1024 * 1024
-DRAIN_LIMIT = 64 * 1024 * 1024  # beyond this an oversized body is not read before answering 413 (connection closes)
+DEFAULT_MAX_PIXELS = 4096 * 4096
+DEFAULT_IDLE_TIMEOUT_S = 10.0
+DEFAULT_READ_TIMEOUT_S = 30.0
+DEFAULT_MAX_CONNECTIONS = 64
+# After a reply that closes the connection before the body was read, at most this much of what the client still
+# sends is read and discarded (within the request's read timeout), so that closing does not reset the reply away.
+DRAIN_LIMIT = 256 * 1024 * 1024
+DECODE_SLOTS = len(os.sched_getaffinity(0))  # decoding is CPU-bound: more at once than cores only costs memory
+_DECODING = threading.BoundedSemaphore(DECODE_SLOTS)
+REJECT_LINGER_S = 2.0  # a connection refused at the bound is read from this long, for its 503 to arrive
+MAX_LINGERING = 64  # and at most this many such connections linger at once (beyond, they are closed at once)
 VARIANT = "AllTraffic"
 ACCOUNT = "000000000000"
 NO_MODEL = "no model is loaded yet"
@@ -88,9 +133,24 @@ DOWNLOAD_SOCKET_TIMEOUT_S = 60  # no byte from the model's server for this long 
 DOWNLOAD_DEADLINE_S = 1200  # nor may the whole download take longer
 TOKEN_ENV = "TAGFLOW_ENDPOINT_TOKEN"
 MIN_TOKEN_CHARS = 16
-# SageMaker's endpoint-name rule: what InvokeEndpoint accepts in its path.
+# SageMaker's endpoint-name rule: what InvokeEndpoint accepts in its path. The single source of this rule is
+# include/tagflow/names.py (ENDPOINT_NAME_PATTERN, ENDPOINT_NAME_RULE); this environment cannot import tagflow, so
+# the two are kept equal here and a test (tests/test_local_endpoint.py) compares them.
 ENDPOINT_NAME = re.compile(r"[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}")
 NAME_RULE = "expected 1-63 letters, digits and inner hyphens (a SageMaker endpoint name)"
+# AWS S3's hosts: s3.amazonaws.com, s3.REGION.amazonaws.com, BUCKET.s3.REGION.amazonaws.com, s3-REGION..., .com.cn
+AWS_S3_HOST = re.compile(r"(?:[a-z0-9][a-z0-9.-]*\.)?s3(?:[.-][a-z0-9-]+)*\.amazonaws\.com(?:\.cn)?")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request and the connections may take (see the module docstring's "Limits")."""
+
+    max_bytes: int = DEFAULT_MAX_BYTES
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT_S
+    read_timeout: float = DEFAULT_READ_TIMEOUT_S
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
 
 
 class RequestError(Exception):
@@ -117,25 +177,79 @@ def shown_url(url: str) -> str:
     return parts._replace(query="", fragment="").geturl()
 
 
-def _upstream_message(body: bytes) -> str:
-    """The gist of an error body from the model's server: S3's <Code> and <Message>, else its first 300 chars."""
-    text = body.decode("utf-8", errors="replace")
-    found = {tag: re.search(rf"<{tag}>(.*?)</{tag}>", text, re.S) for tag in ("Code", "Message")}
-    if found["Code"]:
-        return " ".join(m[1].strip() for m in found.values() if m)
-    return text.strip()[:300] or "(empty body)"
+def _origin(url: str) -> str | None:
+    """`scheme://host:port` of an http(s) URL (host lower-cased, default port explicit), None for anything else."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:  # a port that is not a number
+        return None
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https") or not parts.hostname or parts.username is not None:
+        return None
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    return f"{scheme}://{host}:{port or (443 if scheme == 'https' else 80)}"
+
+
+def source_refusal(
+    url: str, s3_origins: frozenset[str], model_root: Path | None, client: str
+) -> tuple[int, str] | None:
+    """Why the server will not fetch a model from `url` for a client at address `client` (status, message), or None.
+    Accepted: S3 presigned GET URLs on `s3_origins` or an AWS S3 host (https), and file:// archives under
+    `model_root` from loopback clients (see the module docstring)."""
+    shown = shown_url(url)
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme == "file":
+        if not is_loopback(client):
+            return HTTPStatus.FORBIDDEN, "a file:// model_url names a file on the server's machine: loopback only"
+        if model_root is None:
+            return HTTPStatus.FORBIDDEN, "this server loads no local archives (it has no --model-root)"
+        if parts.netloc not in ("", "localhost"):
+            return HTTPStatus.BAD_REQUEST, f"model_url {shown[:200]!r}: a file:// URL names no host"
+        path = Path(os.path.realpath(unquote(parts.path)))
+        if not path.is_relative_to(model_root):
+            return HTTPStatus.FORBIDDEN, f"model_url {shown[:200]!r}: local archives are loaded from {model_root} only"
+        return None
+    origin = _origin(url)
+    if origin is None:
+        return (
+            HTTPStatus.BAD_REQUEST,
+            f"model_url {shown[:200]!r}: expected an S3 presigned URL (http or https) or file://",
+        )
+    host = urlsplit(origin).hostname or ""
+    aws = origin.startswith("https://") and origin.endswith(":443") and AWS_S3_HOST.fullmatch(host)
+    if origin not in s3_origins and not aws:
+        allowed = ", ".join(sorted(s3_origins)) or "none configured"
+        return (
+            HTTPStatus.FORBIDDEN,
+            f"model_url {shown[:200]!r}: models are fetched from the S3 endpoint ({allowed}) or AWS S3 only",
+        )
+    if "X-Amz-Signature" not in parse_qs(parts.query):
+        return HTTPStatus.BAD_REQUEST, f"model_url {shown[:200]!r}: expected an S3 presigned URL (X-Amz-Signature)"
+    return None
+
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """A redirect ends the download (as an HTTP error): a model comes from the URL that was accepted, nowhere else."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # urllib's signature
+        return None
+
+
+_OPENER = urllib.request.build_opener(_NoRedirects)
 
 
 def download(url: str, dest: Path, limit: int = MAX_ARCHIVE_BYTES) -> int:
     """Stream `url` into `dest`; RequestError 413 over `limit` bytes, 502 when the transfer fails, 504 past the
-    deadline. Returns the byte count."""
+    deadline. Returns the byte count. The upstream's error body is never repeated: only its status and the object."""
     shown = shown_url(url)
     started = time.monotonic()
     try:
-        response = urllib.request.urlopen(url, timeout=DOWNLOAD_SOCKET_TIMEOUT_S)
+        response = _OPENER.open(url, timeout=DOWNLOAD_SOCKET_TIMEOUT_S)
     except urllib.error.HTTPError as err:
-        message = _upstream_message(err.read(4096))
-        raise RequestError(HTTPStatus.BAD_GATEWAY, f"GET {shown} answered HTTP {err.code}: {message}") from None
+        err.close()
+        raise RequestError(HTTPStatus.BAD_GATEWAY, f"GET {shown} answered HTTP {err.code}") from None
     except (urllib.error.URLError, OSError) as err:
         reason = getattr(err, "reason", err)
         raise RequestError(HTTPStatus.BAD_GATEWAY, f"GET {shown} failed: {reason}") from None
@@ -164,19 +278,30 @@ def download(url: str, dest: Path, limit: int = MAX_ARCHIVE_BYTES) -> int:
     return total
 
 
+def _private_data(member: tarfile.TarInfo, path: str) -> tarfile.TarInfo:
+    """tarfile's "data" filter, and the extracted files for this user only (tarfile sets modes with chmod, which
+    the umask does not narrow)."""
+    member = tarfile.data_filter(member, path)
+    return member if member.mode is None else member.replace(mode=member.mode & 0o700, deep=False)
+
+
 def extract(archive: Path, dest: Path, source: str, limit: int = MAX_EXTRACTED_BYTES) -> None:
     """Unpack a model.tar.gz into `dest` (tarfile's "data" filter: no absolute paths, links out or devices) and
     check it holds an image-classification model; RequestError 422 (or 413 over `limit` bytes) otherwise."""
     total = 0
     try:
-        with tarfile.open(archive) as tar:
+        fh = archive.open("rb")
+    except OSError:  # missing, unreadable or a folder: one answer, which says nothing of what is there
+        raise RequestError(HTTPStatus.UNPROCESSABLE_ENTITY, f"{source}: the model archive cannot be read") from None
+    try:
+        with fh, tarfile.open(fileobj=fh) as tar:
             for member in tar:
                 total += member.size
                 if total > limit:
                     raise RequestError(
                         HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"{source}: the archive unpacks to over {limit} bytes"
                     )
-                tar.extract(member, dest, filter="data")
+                tar.extract(member, dest, filter=_private_data)
     except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as err:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         if reason.endswith("opened successfully:"):  # tarfile tried every compression it knows
@@ -192,16 +317,9 @@ def extract(archive: Path, dest: Path, source: str, limit: int = MAX_EXTRACTED_B
         )
 
 
-def admin_refusal(token: str | None, client: str, authorization: str) -> str | None:
-    """Why a client at address `client`, sending this Authorization header, may not load models into a server whose
-    admin token is `token`; None if it may."""
-    if token is None:
-        if is_loopback(client):
-            return None
-        return (
-            f"/admin/load accepts loopback clients only: this server has no admin token (start it with "
-            f"{TOKEN_ENV} set, then send `Authorization: Bearer <token>`)"
-        )
+def admin_refusal(token: str, authorization: str) -> str | None:
+    """Why a client sending this Authorization header may not load models into a server whose admin token is
+    `token`; None if it may. Loopback clients need the token too: anyone on the machine is one."""
     scheme, _, given = authorization.partition(" ")
     if scheme.lower() != "bearer" or not given.strip():
         return f"/admin/load needs the header `Authorization: Bearer <token>` with this server's {TOKEN_ENV}"
@@ -226,7 +344,9 @@ def _params_file(model_dir: Path, metrics: dict) -> Path:
 class Model:
     """One loaded network: an executor bound for a single image, plus what /metadata reports about it."""
 
-    def __init__(self, model_dir: Path, source: str | None = None, workers: int = 1) -> None:
+    def __init__(
+        self, model_dir: Path, source: str | None = None, workers: int = 1, max_pixels: int = DEFAULT_MAX_PIXELS
+    ) -> None:
         import mxnet as mx
 
         self.model_dir = model_dir.resolve()
@@ -240,6 +360,7 @@ class Model:
         self.channels, self.height, self.width = (int(v) for v in data["shape"][1:])
         resize = (self.metrics.get("hyperparameters") or {}).get("resize")
         self.resize = int(resize) if resize else max(self.height, self.width)
+        self.max_pixels = max_pixels
         self.params_file = _params_file(model_dir, self.metrics)
         symbol = mx.sym.load(str(model_dir / f"{MODEL_PREFIX}-symbol.json"))
         loaded = mx.nd.load(str(self.params_file))
@@ -259,17 +380,59 @@ class Model:
         self.loaded_at = datetime.now(UTC).isoformat(timespec="seconds")
         self.predict(np.zeros((self.channels, self.height, self.width), np.float32))  # warm up before serving
 
-    def preprocess(self, body: bytes) -> np.ndarray:
-        """Image bytes → (C, H, W) float32 RGB pixels, as the trainer's record iterator produces them."""
-        flag = cv2.IMREAD_GRAYSCALE if self.channels == 1 else cv2.IMREAD_COLOR
-        img = cv2.imdecode(np.frombuffer(body, np.uint8), flag)
-        if img is None or img.size == 0:
-            raise RequestError(HTTPStatus.BAD_REQUEST, "the body is not a decodable JPEG or PNG image")
-        h, w = img.shape[:2]
+    def _resized(self, w: int, h: int) -> tuple[int, int]:
+        """The size an image of w x h is resized to before the centre crop (its shorter side to `resize`)."""
         scale = self.resize / min(h, w)
-        if scale != 1.0:
-            size = (max(self.width, round(w * scale)), max(self.height, round(h * scale)))
-            img = cv2.resize(img, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+        return max(self.width, round(w * scale)), max(self.height, round(h * scale))
+
+    def check_size(self, body: bytes) -> None:
+        """Refuse (413) an image larger than `max_pixels`, or one whose resize would be (a 1-pixel-high strip),
+        from its header alone; 400 when the header is no image's."""
+        from PIL import Image
+
+        Image.MAX_IMAGE_PIXELS = None  # Pillow's own bomb check (a warning, then an error at 2x) is this one's job
+        try:
+            with Image.open(io.BytesIO(body)) as img:  # reads the header only; decodes nothing
+                w, h = img.size
+        except Exception:  # any header Pillow cannot parse (its plugins raise many kinds): not an image for us
+            raise RequestError(HTTPStatus.BAD_REQUEST, "the body is not a decodable JPEG or PNG image") from None
+        if w < 1 or h < 1:
+            raise RequestError(HTTPStatus.BAD_REQUEST, f"the image is {w}x{h} pixels; expected at least 1x1")
+        limit = f"the limit is {self.max_pixels} pixels (--max-pixels)"
+        if w * h > self.max_pixels:
+            raise RequestError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"the image is {w}x{h} = {w * h} pixels; {limit}")
+        rw, rh = self._resized(w, h)
+        if rw * rh > self.max_pixels:
+            raise RequestError(
+                HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                f"the image is {w}x{h} pixels, which the model resizes to {rw}x{rh} = {rw * rh} pixels; {limit}",
+            )
+
+    def preprocess(self, body: bytes) -> np.ndarray:
+        """Image bytes → (C, H, W) float32 RGB pixels, as the trainer's record iterator produces them. The size is
+        checked from the header first; at most DECODE_SLOTS images are decoded at once."""
+        import cv2
+
+        self.check_size(body)
+        flag = cv2.IMREAD_GRAYSCALE if self.channels == 1 else cv2.IMREAD_COLOR
+        with _DECODING:
+            try:
+                img = cv2.imdecode(np.frombuffer(body, np.uint8), flag)
+            except cv2.error as err:  # OPENCV_IO_MAX_IMAGE_PIXELS is the second line behind check_size
+                if "CV_IO_MAX_IMAGE_PIXELS" in str(err):
+                    raise RequestError(
+                        HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                        f"the image decodes to more than {self.max_pixels} pixels (--max-pixels)",
+                    ) from None
+                raise RequestError(HTTPStatus.BAD_REQUEST, "the body is not a decodable JPEG or PNG image") from None
+            if img is None or img.size == 0:
+                raise RequestError(HTTPStatus.BAD_REQUEST, "the body is not a decodable JPEG or PNG image")
+            h, w = img.shape[:2]
+            scale = self.resize / min(h, w)
+            if scale != 1.0:
+                img = cv2.resize(
+                    img, self._resized(w, h), interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+                )
         h, w = img.shape[:2]
         top, left = (h - self.height) // 2, (w - self.width) // 2
         img = img[top : top + self.height, left : left + self.width]
@@ -299,22 +462,159 @@ class Model:
         }
 
 
+class _Connection:
+    """One open connection: when it began waiting for its next request (None while a request is in progress)."""
+
+    __slots__ = ("idle_since", "sock")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.idle_since: float | None = time.monotonic()
+
+
+def _bytes_waiting(sock: socket.socket) -> bool:
+    """True when the client has sent bytes the server has not read yet: a request is arriving (a peek, which
+    neither blocks nor takes them from the thread that will read them)."""
+    poller = select.poll()  # not a timed recv: Python waits up to the socket's timeout for data before one
+    poller.register(sock, select.POLLIN)
+    if not poller.poll(0):
+        return False
+    try:
+        return bool(sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))  # readable: data, or b"" at EOF
+    except OSError:  # reset: nothing will come
+        return False
+
+
+class _RequestReader(io.RawIOBase):
+    """A connection's reads under two clocks: until a request's first byte, the idle timeout; from it, the read
+    timeout for the whole request (headers and body), however slowly the bytes come. TimeoutError past either."""
+
+    def __init__(self, sock: socket.socket, conn: _Connection, limits: Limits) -> None:
+        self.sock, self.conn, self.limits = sock, conn, limits
+        self.deadline: float | None = None  # None: between requests
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        if self.deadline is None:
+            timeout = self.limits.idle_timeout
+        else:
+            timeout = self.deadline - time.monotonic()
+            if timeout <= 0:
+                raise TimeoutError(f"the request took over {self.limits.read_timeout:g}s (--read-timeout)")
+        self.sock.settimeout(timeout)
+        n = self.sock.recv_into(buffer)
+        if n and self.deadline is None:
+            self.deadline = time.monotonic() + self.limits.read_timeout
+            self.conn.idle_since = None
+        return n
+
+
 class Server(ThreadingHTTPServer):
     daemon_threads = True
+    block_on_close = False  # stopping does not wait for idle keep-alive connections
     request_queue_size = 128
 
     def __init__(
-        self, address: tuple[str, int], name: str, max_bytes: int, workers: int, work_dir: Path, token: str | None
+        self,
+        address: tuple[str, int],
+        name: str,
+        workers: int,
+        work_dir: Path,
+        token: str,
+        limits: Limits,
+        s3_origins: frozenset[str] = frozenset(),
+        model_root: Path | None = None,
     ) -> None:
         super().__init__(address, Handler)
         self.endpoint_name = name
-        self.max_bytes = max_bytes
         self.workers = workers
         self.work_dir = work_dir
         self.admin_token = token
+        self.limits = limits
+        self.s3_origins = s3_origins
+        self.model_root = model_root
         self.model: Model | None = None
         self.model_folder: Path | None = None  # where the current model was extracted (deleted when replaced)
         self.swap_lock = threading.Lock()  # one load at a time; serving never waits on it
+        self.connections: dict[socket.socket, _Connection] = {}
+        self.connections_lock = threading.Lock()
+        self.lingering = threading.BoundedSemaphore(MAX_LINGERING)
+
+    def process_request(self, request: socket.socket, client_address) -> None:
+        """Serve the connection in a thread of its own, within --max-connections: at the bound, close the
+        longest-idle connection to make room, or, when none is idle, answer 503 and close."""
+        evicted = None
+        with self.connections_lock:
+            if len(self.connections) >= self.limits.max_connections:
+                idle = sorted((c for c in self.connections.values() if c.idle_since is not None),
+                              key=lambda c: c.idle_since)  # fmt: skip
+                evicted = next((c for c in idle if not _bytes_waiting(c.sock)), None)
+                if evicted is not None:
+                    del self.connections[evicted.sock]
+            admitted = len(self.connections) < self.limits.max_connections
+            if admitted:
+                self.connections[request] = _Connection(request)
+        if evicted is not None:
+            log.info("%d connections open: closing the longest idle one", self.limits.max_connections)
+            with contextlib.suppress(OSError):  # its thread's read returns at once, and the thread ends
+                evicted.sock.shutdown(socket.SHUT_RDWR)
+        if admitted:
+            super().process_request(request, client_address)
+        else:
+            self._refuse(request, client_address)
+
+    def _refuse(self, request: socket.socket, client_address) -> None:
+        message = (
+            f"the endpoint serves {self.limits.max_connections} connections at once (--max-connections), all "
+            f"in a request; retry shortly"
+        )
+        log.warning("connection from %s refused: %s", client_address[0], message)
+        body = json.dumps({"message": message}).encode()
+        reply = (
+            b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nConnection: close\r\n"
+            b"Retry-After: 1\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+        )
+        try:
+            request.settimeout(0.5)
+            request.sendall(reply)
+            request.shutdown(socket.SHUT_WR)
+        except OSError:
+            self.shutdown_request(request)
+            return
+        if not self.lingering.acquire(blocking=False):
+            self.shutdown_request(request)  # too many already lingering: close (the reply may be reset away)
+            return
+        threading.Thread(target=self._linger, args=(request,), daemon=True).start()
+
+    def _linger(self, request: socket.socket) -> None:
+        """Read and discard what a refused client sends until it closes or REJECT_LINGER_S pass, then close: closing
+        with its request unread would reset the connection, and the 503 with it."""
+        deadline = time.monotonic() + REJECT_LINGER_S
+        try:
+            while (left := deadline - time.monotonic()) > 0:
+                request.settimeout(left)
+                if not request.recv(65536):
+                    break
+        except OSError:
+            pass
+        finally:
+            self.lingering.release()
+            self.shutdown_request(request)
+
+    def shutdown_request(self, request: socket.socket) -> None:
+        with self.connections_lock:
+            self.connections.pop(request, None)
+        super().shutdown_request(request)
+
+    def handle_error(self, request, client_address) -> None:
+        """A connection that failed (reset, timed out while answering): one log line, not a traceback."""
+        err = sys.exc_info()[1]
+        if isinstance(err, OSError):
+            log.info("connection from %s ended: %s", client_address[0], err)
+        else:
+            log.exception("connection from %s failed", client_address[0])
 
     def load(self, url: str, source: str, name: str | None = None) -> Model:
         """Fetch, extract, load and warm the model at `url`, then serve it (as `name`, when given); RequestError
@@ -325,17 +625,15 @@ class Server(ThreadingHTTPServer):
             download_to = folder.with_name(f"{folder.name}.tar.gz")
             try:
                 parts = urlsplit(url)
-                if parts.scheme == "file":
-                    archive = Path(unquote(parts.path))
-                    if not archive.is_file():
-                        raise RequestError(HTTPStatus.UNPROCESSABLE_ENTITY, f"{archive}: no such file on the server")
+                if parts.scheme.lower() == "file":
+                    archive = Path(os.path.realpath(unquote(parts.path)))
                 else:
                     size = download(url, download_to)
                     log.info("downloaded %s (%d bytes)", source, size)
                     archive = download_to
                 extract(archive, folder, source)
                 try:
-                    model = Model(folder, source, self.workers)
+                    model = Model(folder, source, self.workers, self.limits.max_pixels)
                 except Exception as err:
                     raise RequestError(
                         HTTPStatus.UNPROCESSABLE_ENTITY, f"{source}: cannot load the model: {type(err).__name__}: {err}"
@@ -370,6 +668,42 @@ class Handler(BaseHTTPRequestHandler):
         # Small request/response pairs on keep-alive connections: without this, Nagle's algorithm and the client's
         # delayed ACK add ~40 ms to every answer.
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn = self.server.connections.get(self.connection) or _Connection(self.connection)
+        self.rfile.close()
+        self._reader = _RequestReader(self.connection, conn, self.server.limits)
+        self.rfile = io.BufferedReader(self._reader, 65536)
+        self._conn = conn
+        self._unread: int | None = 0  # body bytes the client may still send (None: unknown, chunked)
+
+    def handle_one_request(self) -> None:
+        self._reader.deadline = None  # the idle clock runs until the next request's first byte
+        self._conn.idle_since = time.monotonic()
+        self._unread = 0
+        super().handle_one_request()
+
+    def parse_request(self) -> bool:
+        self._conn.idle_since = None  # a pipelined request, already buffered, is in progress too
+        if not super().parse_request():
+            return False
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            self._unread = None
+        else:
+            declared = self.headers.get("Content-Length", "0").strip()
+            self._unread = int(declared) if declared.isdigit() else None
+        return True
+
+    def handle_expect_100(self) -> bool:
+        """`Expect: 100-continue` with a body over the limit: answer 413 before the client sends it."""
+        declared = self.headers.get("Content-Length", "")
+        if declared.isdigit() and int(declared) > self.server.limits.max_bytes:
+            self.close_connection = True
+            self._unread = 0  # the client waits for this answer before sending anything
+            self._json(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, {"message": self._too_large(int(declared))})
+            return False
+        return super().handle_expect_100()
+
+    def _too_large(self, length: int) -> str:
+        return f"the body has {length} bytes; the limit is {self.server.limits.max_bytes} (--max-bytes)"
 
     def _send(self, status: int, body: bytes, content_type: str = "application/json", headers=None) -> None:
         self.send_response(status)
@@ -380,36 +714,58 @@ class Handler(BaseHTTPRequestHandler):
         if self.close_connection:
             self.send_header("Connection", "close")
         self._headers_buffer.append(b"\r\n" + body)  # headers and body leave in one write (end_headers' job)
+        self.connection.settimeout(self.server.limits.read_timeout)  # a client that reads nothing is cut off too
         self.flush_headers()
+        if self.close_connection and self._unread != 0:
+            self._drain()
+
+    def _drain(self) -> None:
+        """After a reply that closes the connection with the body (partly) unread: close our side for writing (the
+        reply and a FIN reach the client), then read and discard what the client still sends, up to DRAIN_LIMIT
+        bytes and the request's read timeout. Closing at once would make the kernel reset the connection, and a
+        client still sending would see a broken pipe instead of the reply."""
+        try:
+            self.connection.shutdown(socket.SHUT_WR)
+            left = DRAIN_LIMIT if self._unread is None else min(self._unread, DRAIN_LIMIT)
+            while left > 0:
+                chunk = self.rfile.read1(min(left, 1 << 20))
+                if not chunk:
+                    break
+                left -= len(chunk)
+        except OSError:  # the read timeout, or the client went away: either way, done
+            pass
+        self._unread = 0
 
     def _json(self, status: int, doc: object, headers=None) -> None:
         self._send(status, json.dumps(doc).encode(), headers=headers)
 
     def _read_body(self) -> bytes:
-        """The whole request body, or RequestError 411/413 (an oversized body is drained so the reply reaches)."""
+        """The whole request body, or RequestError 400/408/411/413 (the connection then closes after the reply)."""
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
             self.close_connection = True
             raise RequestError(HTTPStatus.LENGTH_REQUIRED, "send the body with a Content-Length, not chunked")
-        try:
-            length = int(self.headers.get("Content-Length", "0"))
-        except ValueError:
+        declared = self.headers.get("Content-Length", "0").strip()
+        if not declared.isdigit():
             self.close_connection = True
-            raise RequestError(HTTPStatus.BAD_REQUEST, "Content-Length is not a number") from None
-        if length > self.server.max_bytes:
-            if length <= DRAIN_LIMIT:
-                left = length
-                while left > 0:
-                    chunk = self.rfile.read(min(left, 1 << 20))
-                    if not chunk:
-                        break
-                    left -= len(chunk)
-            else:
-                self.close_connection = True
+            raise RequestError(HTTPStatus.BAD_REQUEST, f"Content-Length {declared[:40]!r} is not a number of bytes")
+        length = int(declared)
+        if length > self.server.limits.max_bytes:
+            self.close_connection = True
+            raise RequestError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, self._too_large(length))
+        try:
+            body = self.rfile.read(length) if length > 0 else b""
+        except TimeoutError:
+            self.close_connection = True
             raise RequestError(
-                HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                f"the body has {length} bytes; the limit is {self.server.max_bytes}",
-            )
-        return self.rfile.read(length) if length > 0 else b""
+                HTTPStatus.REQUEST_TIMEOUT,
+                f"the body ({length} bytes) did not arrive within {self.server.limits.read_timeout:g}s "
+                f"(--read-timeout)",
+            ) from None
+        self._unread = 0
+        if len(body) < length:
+            self.close_connection = True
+            raise RequestError(HTTPStatus.BAD_REQUEST, f"the body ended after {len(body)} of {length} bytes")
+        return body
 
     def _invoke(self) -> list[float]:
         """Run one /invocations request against the current model; RequestError says what was wrong."""
@@ -505,13 +861,13 @@ class Handler(BaseHTTPRequestHandler):
 
     def _admin_load(self) -> None:
         authorization = self.headers.get("Authorization", "")
-        refusal = admin_refusal(self.server.admin_token, self.client_address[0], authorization)
+        refusal = admin_refusal(self.server.admin_token, authorization)
         if refusal:
             self.close_connection = True
             log.warning("model load refused for %s: %s", self.client_address[0], refusal)
             self._json(HTTPStatus.FORBIDDEN, {"message": refusal})
             return
-        expected = 'expected JSON {"model_url": "http(s)://…/model.tar.gz", "source": "s3://…", "name": NAME}'
+        expected = 'expected JSON {"model_url": "https://…/model.tar.gz?X-Amz-…", "source": "s3://…", "name": NAME}'
         try:
             request = json.loads(self._read_body() or b"{}")
             if not isinstance(request, dict):
@@ -520,19 +876,19 @@ class Handler(BaseHTTPRequestHandler):
             source, name = request.get("source"), request.get("name")
             if not isinstance(url, str) or not isinstance(source, str | None) or not isinstance(name, str | None):
                 raise TypeError("model_url, source and name are strings")
-        except (RequestError, ValueError, KeyError, TypeError) as err:
+        except RequestError as err:  # the body itself: too large, late, cut short
+            self._json(err.status, {"message": str(err)})
+            return
+        except (ValueError, KeyError, TypeError) as err:
             self._json(HTTPStatus.BAD_REQUEST, {"message": f"{expected}: {type(err).__name__}: {err}"})
             return
-        scheme = urlsplit(url).scheme.lower()
-        if scheme not in ("http", "https", "file"):
-            problem = HTTPStatus.BAD_REQUEST, f"model_url {shown_url(url)!r}: the scheme must be http, https or file"
-        elif scheme == "file" and not is_loopback(self.client_address[0]):
-            problem = HTTPStatus.FORBIDDEN, "a file:// model_url names a file on the server's machine: loopback only"
-        elif name is not None and not ENDPOINT_NAME.fullmatch(name):
-            problem = HTTPStatus.BAD_REQUEST, f"name {name!r}: {NAME_RULE}"
+        if name is not None and not ENDPOINT_NAME.fullmatch(name):
+            problem = HTTPStatus.BAD_REQUEST, f"name {name[:200]!r}: {NAME_RULE}"
         else:
-            problem = None
+            server = self.server
+            problem = source_refusal(url, server.s3_origins, server.model_root, self.client_address[0])
         if problem:
+            log.warning("model load refused for %s (%d): %s", self.client_address[0], *problem)
             self._json(problem[0], {"message": problem[1]})
             return
         try:
@@ -554,34 +910,66 @@ def _request_id() -> str:
     return str(uuid.uuid4())
 
 
+def _positive(kind):
+    def parse(text: str):
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected a positive number")
+        return value
+
+    return parse
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--name", required=True, help="the endpoint name answered at /endpoints/NAME/invocations")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8080)
-    parser.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES)
     parser.add_argument("--workers", type=int, default=1, help="executors running forwards in parallel")
     parser.add_argument(
         "--work-dir", type=Path, help="where downloaded models are extracted (default: a temporary folder)"
     )
+    parser.add_argument("--model-root", type=Path, help="file:// model URLs must name archives under this folder")
+    parser.add_argument(
+        "--s3-endpoint", action="append", default=[], metavar="URL",
+        help="an S3 endpoint whose presigned URLs models may be fetched from (repeatable; AWS S3 always)",
+    )  # fmt: skip
+    parser.add_argument("--max-bytes", type=_positive(int), default=DEFAULT_MAX_BYTES, help="request body limit")
+    parser.add_argument("--max-pixels", type=_positive(int), default=DEFAULT_MAX_PIXELS, help="image size limit")
+    parser.add_argument("--idle-timeout", type=_positive(float), default=DEFAULT_IDLE_TIMEOUT_S, help="seconds")
+    parser.add_argument("--read-timeout", type=_positive(float), default=DEFAULT_READ_TIMEOUT_S, help="seconds")
+    parser.add_argument("--max-connections", type=_positive(int), default=DEFAULT_MAX_CONNECTIONS)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, stream=sys.stdout, format="[%(asctime)s %(levelname)s %(thread)d] %(message)s"
     )
-    token = os.environ.get(TOKEN_ENV, "").strip() or None
+    token = os.environ.get(TOKEN_ENV, "").strip()
+    origins = {url: _origin(url) for url in args.s3_endpoint}
+    bad_origin = next((url for url, origin in origins.items() if origin is None), None)
     if not ENDPOINT_NAME.fullmatch(args.name):
-        problem = f"--name {args.name!r}: {NAME_RULE}"
-    elif token is not None and len(token) < MIN_TOKEN_CHARS:
+        problem = f"--name {args.name[:200]!r}: {NAME_RULE}"
+    elif not token:
+        problem = f"set {TOKEN_ENV} to the admin token model loads must send (tagflow.local.endpoint.start does)"
+    elif len(token) < MIN_TOKEN_CHARS:
         problem = f"{TOKEN_ENV} has {len(token)} characters; use at least {MIN_TOKEN_CHARS} (a random secret)"
+    elif bad_origin is not None:
+        problem = f"--s3-endpoint {bad_origin[:200]!r}: expected http(s)://HOST[:PORT]"
     else:
         problem = None
     if problem:
         log.error("%s", problem)
         return 2
+    # OpenCV reads its own bomb guard once, when cv2 is first imported (below this line, by Model).
+    os.environ["OPENCV_IO_MAX_IMAGE_PIXELS"] = str(args.max_pixels)
+    limits = Limits(args.max_bytes, args.max_pixels, args.idle_timeout, args.read_timeout, args.max_connections)
     own_work_dir = args.work_dir is None
     work_dir = Path(tempfile.mkdtemp(prefix="ic-serve-")) if own_work_dir else args.work_dir.resolve()
     work_dir.mkdir(parents=True, exist_ok=True)
-    server = Server((args.host, args.port), args.name, args.max_bytes, args.workers, work_dir, token)
+    model_root = Path(os.path.realpath(args.model_root)) if args.model_root else None
+    server = Server(
+        (args.host, args.port), args.name, args.workers, work_dir, token, limits,
+        frozenset(o for o in origins.values() if o), model_root,
+    )  # fmt: skip
 
     def on_term(signum, frame) -> None:
         threading.Thread(target=server.shutdown, daemon=True).start()
@@ -589,9 +977,10 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
     log.info(
-        "endpoint %s listening on http://%s:%d with no model yet; model loads accepted %s",
-        args.name, *server.server_address[:2],
-        f"with the bearer token from {TOKEN_ENV}" if token else "from loopback clients",
+        "endpoint %s listening on http://%s:%d with no model yet; model loads accepted with the bearer token from "
+        "%s, from %s%s; limits: %s",
+        args.name, *server.server_address[:2], TOKEN_ENV,
+        ", ".join([*sorted(server.s3_origins), "AWS S3"]), f" and under {model_root}" if model_root else "", limits,
     )  # fmt: skip
     try:
         server.serve_forever(poll_interval=0.2)

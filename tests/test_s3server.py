@@ -66,3 +66,19 @@ def test_presigned_url_works(s3_server, s3_client, bucket):
     url = s3_client.generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": "p.txt"}, ExpiresIn=60)
     with urllib.request.urlopen(url) as resp:
         assert resp.read() == b"signed"
+
+
+def test_state_files_are_the_users_only(tmp_path):
+    """The server's keys, log and data (SeaweedFS's own files included) are 0600, its folders 0700."""
+    state = tmp_path / "srv"
+    info = s3server.start(state)
+    try:
+        client = _client(info)
+        client.create_bucket(Bucket="private")
+        client.put_object(Bucket="private", Key="a/b.txt", Body=b"secret")
+    finally:
+        s3server.stop(state)
+    entries = [state, *state.rglob("*")]
+    assert {p.name for p in entries} >= {"identities.json", "server.json", "s3.env", "weed.log", "data"}
+    exposed = [f"{p} {p.stat().st_mode & 0o777:o}" for p in entries if not p.is_symlink() and p.stat().st_mode & 0o077]
+    assert exposed == [], exposed

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -96,6 +97,12 @@ def test_up_is_idempotent_and_down_stops_everything(stack_home):
     # The endpoint runs empty; the default preset's buckets exist on this home's S3 server.
     ep_health = endpoint.health(ep.url)
     assert (ep_health["name"], ep_health["loaded"]) == ("tagflow-designs", False)
+    # Airflow holds the endpoint's admin token (the DAG's deploy task sends it); the home is the user's only.
+    environ = dict(
+        item.split("=", 1) for item in Path(f"/proc/{af.pid}/environ").read_text().split("\0") if "=" in item
+    )
+    assert environ["AIRFLOW_VAR_TAGFLOW_ENDPOINT_TOKEN"] == endpoint.admin_token(ep.state_dir)
+    assert stack_home.stat().st_mode & 0o777 == 0o700
     client = s3_info.client()
     for bucket in ("tagflow-data", "tagflow-raw"):
         client.head_bucket(Bucket=bucket)
@@ -135,3 +142,10 @@ def test_up_is_idempotent_and_down_stops_everything(stack_home):
     assert status.returncode == 1
     assert "Airflow   not running" in status.stdout
     assert run_stack("down").stdout.strip() == "nothing was running"
+
+    # Every file the three servers and the run wrote (airflow.db, the logs, S3 data, the token) is 0600, folders 0700.
+    entries = [stack_home, *stack_home.rglob("*")]
+    assert {"airflow.db", "standalone.log", "weed.log", "endpoint.log", "admin-token"} <= {p.name for p in entries}
+    modes = {p: p.stat().st_mode & 0o777 for p in entries if not p.is_symlink()}
+    exposed = [f"{p} {mode:o}" for p, mode in modes.items() if mode & 0o077]
+    assert exposed == [], exposed

@@ -24,7 +24,13 @@ HYPERPARAMETERS = {"num_layers": 18, "epochs": 3, "mini_batch_size": 32, "learni
 
 
 def run(count: int = 2000, *, say: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run the demo; returns the DAG run's summary plus a prediction. `say` reports progress."""
+    """Run the demo; returns the DAG run's summary plus a prediction. `say` reports progress. What it writes under
+    $TAGFLOW_HOME (Airflow's database, the run's log, the servers' files) is the user's only (0600/0700)."""
+    with local.private_files():
+        return _run(count, say)
+
+
+def _run(count: int, say: Callable[[str], None]) -> dict[str, Any]:
     from tagflow.local import stack
 
     if stack.airflow_status() is not None:

@@ -167,11 +167,27 @@ def _wait_ready(info: ServerInfo, proc: subprocess.Popen, log: Path) -> None:
 
 
 def start(state_dir: Path | None = None) -> ServerInfo:
-    """Start the server for `state_dir`, or return the one already running there."""
+    """Start the server for `state_dir`, or return the one already running there. Its files, and the server's, are
+    the user's only (0600, folders 0700: tagflow.local.private_files). SeaweedFS chmods its volume info files
+    (data/*.vif) 0644 whatever the umask: inside the 0700 folder nobody else reaches them, and `start` and `stop`
+    narrow them to 0600."""
     state_dir = (state_dir or default_state_dir()).resolve()
     running = status(state_dir)
     if running:
         return running
+    with local.private_files():
+        info, proc, log = _launch(state_dir)
+    try:
+        _wait_ready(info, proc, log)
+    except BaseException:
+        stop(state_dir)
+        raise
+    local.narrow_tree(state_dir)
+    return info
+
+
+def _launch(state_dir: Path) -> tuple[ServerInfo, subprocess.Popen, Path]:
+    local.make_private_dir(state_dir)
     for sub in ("data", "tmp"):
         (state_dir / sub).mkdir(parents=True, exist_ok=True)
     access, secret = _credentials(state_dir)
@@ -214,6 +230,7 @@ def start(state_dir: Path | None = None) -> ServerInfo:
             stdin=subprocess.DEVNULL,
             env=env,
             start_new_session=True,
+            umask=local.PRIVATE_UMASK,
         )
     info = ServerInfo(
         pid=proc.pid,
@@ -230,12 +247,7 @@ def start(state_dir: Path | None = None) -> ServerInfo:
     exports = "".join(f"export {k}={v}\n" for k, v in info.env().items())
     (state_dir / "s3.env").write_text(exports)
     (state_dir / "s3.env").chmod(0o600)
-    try:
-        _wait_ready(info, proc, log)
-    except BaseException:
-        stop(state_dir)
-        raise
-    return info
+    return info, proc, log
 
 
 def stop(state_dir: Path | None = None, timeout: float = 20) -> bool:
@@ -246,6 +258,7 @@ def stop(state_dir: Path | None = None, timeout: float = 20) -> bool:
         return False
     was_running = process.stop_group(process.read_pid(pid_file), timeout)
     pid_file.unlink(missing_ok=True)
+    local.narrow_tree(state_dir)
     info_file = state_dir / "server.json"
     if info_file.exists():
         for port in json.loads(info_file.read_text()).get("ports", {}).values():

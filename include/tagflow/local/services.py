@@ -1,6 +1,9 @@
 """The services a local tagflow runs against, started once and found again by their state folders under
 $TAGFLOW_HOME: the S3 server (with the buckets the default preset uses) and the local endpoint, empty until the
 DAG deploys a model into it. `make demo` and `make up` start them the same way.
+
+The endpoint accepts models presigned on this S3 server (its `--s3-endpoint`) and loads only with its admin token
+(kept in its state folder), which reaches the DAG's deploy task as the Airflow Variable `tagflow_endpoint_token`.
 """
 
 from __future__ import annotations
@@ -8,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from tagflow import runconfig, s3
+from tagflow import local, runconfig, s3
 from tagflow.local import endpoint, s3server
 from tagflow.local.s3server import ServerInfo
 
@@ -21,8 +24,11 @@ class Services:
     endpoint: endpoint.EndpointInfo
 
     def airflow_variables(self) -> dict[str, str]:
-        """The Airflow Variables through which the DAG's local backend finds the endpoint."""
-        return {"tagflow_endpoint_url": self.endpoint.url}
+        """The Airflow Variables through which the DAG's local backend finds the endpoint and may load into it."""
+        return {
+            "tagflow_endpoint_url": self.endpoint.url,
+            "tagflow_endpoint_token": endpoint.admin_token(self.endpoint.state_dir),
+        }
 
 
 def endpoint_state_dir() -> Path:
@@ -39,11 +45,12 @@ def default_buckets() -> list[str]:
 
 def start() -> Services:
     """Start (or find) the S3 server and the endpoint; create the default preset's buckets. Idempotent."""
+    local.make_private_dir(local.home())
     info = s3server.start()
     client = info.client()
     for bucket in default_buckets():
         s3.ensure_bucket(client, bucket)
-    served = endpoint.start(None, name=ENDPOINT_NAME, state_dir=endpoint_state_dir())
+    served = endpoint.start(None, name=ENDPOINT_NAME, state_dir=endpoint_state_dir(), s3_endpoints=[info.endpoint])
     return Services(s3=info, endpoint=served)
 
 

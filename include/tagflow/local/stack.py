@@ -4,12 +4,15 @@
 
 - the local S3 server (`s3server`), with the buckets the trigger form's defaults read and write;
 - the local endpoint `tagflow-designs`, started empty: a run's deploy task loads its model into it, by the URL
-  the DAG reads from the Airflow Variable `tagflow_endpoint_url`;
+  and with the admin token the DAG reads from the Airflow Variables `tagflow_endpoint_url` and
+  `tagflow_endpoint_token` (the token the endpoint keeps in its state folder, 0600);
 - `airflow standalone` (SQLite + LocalExecutor: api-server, scheduler, dag-processor, triggerer) on loopback, on
   the port it used last time, else 8080, else a free one, until every component reports healthy and the DAG
   `tagflow` is parsed. The DAG is created paused: the UI's trigger form unpauses it.
 
-`down` stops all three by process id. Airflow's files, under $TAGFLOW_HOME/airflow (its AIRFLOW_HOME):
+`down` stops all three by process id. Everything under $TAGFLOW_HOME is the user's only: `up` runs under
+`tagflow.local.private_files` (umask 0o077, inherited by the three servers), so files are 0600 and folders 0700.
+Airflow's files, under $TAGFLOW_HOME/airflow (its AIRFLOW_HOME):
 
     standalone.pid    process id of `airflow standalone` (it leads its own process group)
     standalone.json   the UI's URL and port, and the S3 and endpoint URLs Airflow was started with (AirflowInfo)
@@ -192,9 +195,8 @@ def _choose_port(home: Path) -> int:
     return process.free_ports(1)[0]
 
 
-def _start_airflow(
-    home: Path, s3_info: s3server.ServerInfo, ep: endpoint.EndpointInfo, port: int | None, timeout: float
-) -> AirflowInfo:
+def _start_airflow(home: Path, running: services.Services, port: int | None, timeout: float) -> AirflowInfo:
+    s3_info, ep = running.s3, running.endpoint
     if port is None:
         port = _choose_port(home)
     elif not process.port_free(port):
@@ -203,7 +205,7 @@ def _start_airflow(
     env = airflow.environment(
         s3_info,
         home=home,
-        variables={"tagflow_endpoint_url": ep.url},
+        variables=running.airflow_variables(),  # the endpoint's URL and admin token
         extra={
             "AIRFLOW__API__HOST": "127.0.0.1",
             "AIRFLOW__API__PORT": str(port),
@@ -244,17 +246,19 @@ def _start_airflow(
 
 def up(port: int | None = None, timeout: float = START_TIMEOUT_S) -> Stack:
     """Start the S3 server, the endpoint and Airflow (its UI on `port`; None: the last one, 8080 or any free one),
-    or return those already running as asked (idempotent)."""
-    home = airflow_home()
-    home.mkdir(parents=True, exist_ok=True)
-    running_services = services.start()
-    s3_info, ep = running_services.s3, running_services.endpoint
-    running = airflow_status(home)
-    if running:
-        if (running.s3_endpoint, running.endpoint_url) == (s3_info.endpoint, ep.url) and port in (None, running.port):
-            return Stack(running, s3_info, ep, started=False)
-        _stop_airflow(home)  # another port was asked for, or the S3 server or endpoint has moved since
-    return Stack(_start_airflow(home, s3_info, ep, port, timeout), s3_info, ep, started=True)
+    or return those already running as asked (idempotent). Everything they write under $TAGFLOW_HOME is the
+    user's only (0600 files, 0700 folders)."""
+    with local.private_files():
+        home = local.make_private_dir(airflow_home())
+        running_services = services.start()
+        s3_info, ep = running_services.s3, running_services.endpoint
+        running = airflow_status(home)
+        if running:
+            same = (running.s3_endpoint, running.endpoint_url) == (s3_info.endpoint, ep.url)
+            if same and port in (None, running.port):
+                return Stack(running, s3_info, ep, started=False)
+            _stop_airflow(home)  # another port was asked for, or the S3 server or endpoint has moved since
+        return Stack(_start_airflow(home, running_services, port, timeout), s3_info, ep, started=True)
 
 
 def down() -> list[str]:
