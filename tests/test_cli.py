@@ -98,6 +98,11 @@ def test_bad_list_exits_2_with_line_numbers_and_no_traceback(tmp_path):
         (("parse", "/no/such.lst", "--num-labels", "3"), "'/no/such.lst': no such file or folder"),
         (("upload", "/no/such/dir", "s3://bkt/x"), "missing train.rec"),
         (("pack", "--list", "x.lst", "--root", ".", "--out-dir", "o", "-n", "2", "--engine", "gpu"), "--engine 'gpu'"),
+        # usage errors come from typer's own copy of click: still a usage message, never a traceback
+        (("pack", "--list", "x.lst", "--root", ".", "--out-dir", "o", "--resize", "100000"), "'--resize'"),
+        (("parse", "x.lst", "-n", "two"), "Invalid value for '--num-labels'"),
+        (("parse", "--bogus"), "No such option: --bogus"),
+        (("nosuchverb",), "No such command 'nosuchverb'"),
     ],
 )
 def test_user_errors_are_one_message(args, message):
@@ -228,6 +233,14 @@ def test_bad_names_are_refused_before_any_s3_request(args, message, small_list, 
     closed = {"AWS_ENDPOINT_URL_S3": "http://127.0.0.1:9", "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y"}
     args = tuple(str(small_list) if a == "LIST" else str(tmp_path) if a in ("OUT", "R") else a for a in args)
     _one_line_error(tagflow(*args, env=closed), message)
+
+
+def test_tuning_ranges_are_checked_before_any_s3_request(tmp_path):
+    closed = {"AWS_ENDPOINT_URL_S3": "http://127.0.0.1:9", "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y"}
+    for text, message in (("[1, 2]", "a JSON list; expected an object"), ('{"lr": 5}', "ParameterRanges.lr: 5")):
+        ranges = tmp_path / "ranges.json"
+        ranges.write_text(text)
+        _one_line_error(tagflow("tune", "--dataset", "s3://bkt/d", "--ranges", str(ranges), env=closed), message)
 
 
 def test_a_10_mb_name_is_not_echoed_in_full(small_list):

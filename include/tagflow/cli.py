@@ -16,7 +16,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
-import click
 import typer
 
 from tagflow.errors import TagflowError, describe_os_error, os_error_exit_code
@@ -31,6 +30,7 @@ app = typer.Typer(
 s3_app = typer.Typer(help="The local S3 server (SeaweedFS) for runs without AWS.", no_args_is_help=True)
 app.add_typer(s3_app, name="s3")
 
+MAX_RESIZE = 1024  # as the trigger form's Resize field (tagflow.runconfig.PARAMS["resize"])
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout instead of a sentence.")]
 NumLabels = Annotated[int, typer.Option("--num-labels", "-n", min=1, help="Label columns per line (50 or 334).")]
 MaybeNumLabels = Annotated[
@@ -168,7 +168,9 @@ def pack(
     out_dir: Annotated[Path, typer.Option(help="Writes train.rec/.idx, val.rec/.idx and manifest.json here.")],
     num_labels: MaybeNumLabels = None,
     labels: LabelsOpt = None,
-    resize: Annotated[int, typer.Option(min=8, help="Shorter side in pixels, like im2rec --resize.")] = 96,
+    resize: Annotated[
+        int, typer.Option(min=8, max=MAX_RESIZE, help="Shorter side in pixels, like im2rec --resize.")
+    ] = 96,
     center_crop: Annotated[bool, typer.Option(help="Crop the centre square first: exact RESIZE×RESIZE.")] = False,
     quality: Annotated[int, typer.Option(min=1, max=100, help="JPEG quality.")] = 95,
     encoding: Annotated[str, typer.Option(help="Image encoding inside records: .jpg or .png.")] = ".jpg",
@@ -252,7 +254,7 @@ def run(
     labels: LabelsOpt = None,
     staging: Annotated[str | None, typer.Option(help="Staging prefix (default DATASET/staging).")] = None,
     shard_size: Annotated[int, typer.Option(min=1, help="Images per shard (target).")] = 5000,
-    resize: Annotated[int, typer.Option(min=8)] = 96,
+    resize: Annotated[int, typer.Option(min=8, max=MAX_RESIZE, help="Shorter side in pixels.")] = 96,
     quality: Annotated[int, typer.Option(min=1, max=100)] = 95,
     train_ratio: Annotated[float, typer.Option(min=0, max=1)] = 0.9,
     max_bad_fraction: Annotated[float, typer.Option(min=0, max=1)] = 0.01,
@@ -403,6 +405,12 @@ def tune(
         spec = json.loads(ranges.read_text())
     except (OSError, ValueError) as err:
         raise InputError(f"{ranges}: not a readable JSON object of ranges ({err})") from None
+    if not isinstance(spec, dict):
+        raise InputError(f"{ranges}: a JSON {type(spec).__name__}; expected an object {{name: range}}")
+    try:
+        smc.parameter_ranges(spec)  # the ranges' own rules first: no S3 request for a request that cannot run
+    except InputError as err:
+        raise InputError(f"{ranges}: {err}") from None
     training = _dataset_request(dataset, _hyperparameter_pairs(hp or []), None, max_runtime)
     name = job_name or smc.tuning_job_name("tf", datetime.now(UTC).strftime("%m%d%H%M%S"))
     request = smc.tuning_job_request(
@@ -636,12 +644,15 @@ def main(argv: list[str] | None = None) -> int:
         if result == INTERRUPTED:  # typer turns Ctrl-C into Exit(130), which it returns without standalone mode
             print(f"tagflow: interrupted; {_left_behind[0]}", file=sys.stderr)
         return result if isinstance(result, int) else 0
-    except click.exceptions.Exit as done:
+    except typer.Exit as done:
         return done.exit_code
-    except click.ClickException as err:
+    except typer.Abort:
+        print(f"tagflow: interrupted; {_left_behind[0]}", file=sys.stderr)
+        return INTERRUPTED
+    except typer.TyperException as err:  # typer's own click: usage errors, bad option values ("Usage: ... Error: ...")
         err.show()
-        return err.exit_code
-    except (click.Abort, KeyboardInterrupt):
+        return getattr(err, "exit_code", 2)
+    except KeyboardInterrupt:
         print(f"tagflow: interrupted; {_left_behind[0]}", file=sys.stderr)
         return INTERRUPTED
     except TagflowError as err:
