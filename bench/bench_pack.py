@@ -8,17 +8,27 @@ line. im2rec runs as `pack_with_im2rec` does (one subprocess per split); its fig
 the interpreter + MXNet start-up (measured separately, once per split), which is what its own log reports. The two
 engines alternate `--rounds` times and each keeps its best time.
 Goal: native ≥ 2.5× im2rec at no worse PSNR.
+
+    .venv/bin/python bench/bench_pack.py --memory [--images 20000] [--workers 2] [--cache DIR]
+
+Peak memory instead: each case packs in a fresh process and reports that process's peak RSS (VmHWM):
+imports only, the `--images` JPEGs, the same plus a 12000×12000 grey PNG bomb (refused from its
+header), and images just at the pixel limit (`PackParams.max_pixels`, 4096×4096: RGB, RGBA and 16-bit PNGs,
+baseline and progressive JPEGs), packed at --resize 96 and 0, from which the bound per worker thread follows.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing
 import resource
+import struct
 import subprocess
 import sys
 import tempfile
 import time
+import zlib
 from pathlib import Path
 
 import cv2
@@ -27,7 +37,7 @@ import simplejpeg
 from PIL import Image, ImageDraw
 
 from machine import machine_line
-from tagflow.pack import PackParams, mxnet_python, pack, pack_with_im2rec
+from tagflow.pack import DEFAULT_MAX_PIXELS, PackParams, mxnet_python, pack, pack_with_im2rec
 from tagflow.recordio import RecordReader, unpack_payload
 
 LABELS = 50
@@ -121,14 +131,111 @@ def startup_seconds() -> tuple[float, float]:
     return sorted(walls)[1], sorted(cpus)[1]
 
 
+def grey_png(width: int, height: int) -> bytes:
+    """An 8-bit grey PNG of zeros: 12000×12000 is 140 KB on disk, 144 MB decoded."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    compressor = zlib.compressobj(9)
+    row = bytes(width + 1)
+    idat = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def at_limit_images(folder: Path) -> list[Path]:
+    """Five 4096×4096 images (exactly `DEFAULT_MAX_PIXELS`), one per decoding path, with noise so none is trivial."""
+    side = int(DEFAULT_MAX_PIXELS**0.5)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    rgb = synth_image(0).resize((side, side))
+    noisy = np.asarray(rgb, dtype=np.int16) + rng.integers(-8, 9, size=(side, side, 3), dtype=np.int16)
+    rgb = Image.fromarray(noisy.clip(0, 255).astype(np.uint8))
+    made = {
+        "rgb.png": lambda p: rgb.save(p, compress_level=1),
+        "rgba.png": lambda p: Image.merge("RGBA", (*rgb.split(), rgb.convert("L"))).save(p, compress_level=1),
+        "grey16.png": lambda p: Image.fromarray(np.asarray(rgb.convert("L"), dtype=np.uint16) * 257).save(p),
+        "baseline.jpg": lambda p: rgb.save(p, quality=95),
+        "progressive.jpg": lambda p: rgb.save(p, quality=95, progressive=True),
+    }
+    for name, save in made.items():
+        if not (folder / name).exists():
+            save(folder / name)
+    return [folder / name for name in made]
+
+
+def peak_rss() -> int:
+    """This process's peak resident set in bytes: VmHWM, which starts afresh at exec. (getrusage's ru_maxrss
+    does not: Linux carries the parent's peak over a fork + exec, so a child would report the benchmark's own.)"""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def child_pack(case: dict) -> None:
+    """Run in a fresh process: pack the case's files, print the errors and this process's peak RSS."""
+    items = [(n, [1, 0], Path(p)) for n, p in enumerate(case["paths"])]
+    with tempfile.TemporaryDirectory(prefix="bench_pack_mem_") as out:
+        report = pack(items, Path(out), PackParams(resize=case["resize"]), workers=case["workers"]) if items else None
+    peak = peak_rss()
+    print(json.dumps({"peak": peak, "errors": [e.reason for e in report.errors] if report else []}))
+
+
+def memory(args: argparse.Namespace) -> None:
+    with tempfile.TemporaryDirectory(prefix="bench_pack_") as tmp:
+        folder = args.cache or Path(tmp) / "images"
+        normal = [str(p) for _, _, p in make_images(folder, args.images)]
+        bomb = Path(tmp) / "bomb.png"
+        bomb.write_bytes(grey_png(12000, 12000))
+        at_limit = [str(p) for p in at_limit_images((args.cache or Path(tmp)) / "at-limit")]
+        cases = [
+            ("imports only (no images)", [], 96),
+            (f"{len(normal)} JPEGs ~256 px → 96 px", normal, 96),
+            (
+                f"{len(normal)} JPEGs + 12000×12000 PNG bomb ({bomb.stat().st_size // 1024} KB)",
+                [*normal, str(bomb)],
+                96,
+            ),
+            ("5 images at the limit (4096×4096) ×4 → 96 px", at_limit * 4, 96),
+            ("5 images at the limit (4096×4096) ×4, --resize 0", at_limit * 4, 0),
+        ]
+        peaks = {}
+        for name, paths, resize in cases:
+            case = json.dumps({"paths": paths, "resize": resize, "workers": args.workers})
+            command = [sys.executable, __file__, "--child"]
+            done = subprocess.run(command, input=case, capture_output=True, text=True, check=True)
+            result = json.loads(done.stdout)
+            peaks[name] = result["peak"]
+            refused = f", refused {len(result['errors'])}: {result['errors'][0]}" if result["errors"] else ""
+            warned = " (stderr: " + done.stderr.strip()[:120] + ")" if done.stderr.strip() else ""
+            print(f"{name:58s} peak RSS {result['peak'] / 2**20:7.0f} MiB{refused}{warned}")
+        base = peaks[cases[0][0]]
+        worst = max(peaks[cases[3][0]], peaks[cases[4][0]])
+        per_worker = (worst - base) / args.workers
+        print(
+            f"bound: imports {base / 2**20:.0f} MiB + per worker thread ≤ {per_worker / 2**20:.0f} MiB at max_pixels "
+            f"{DEFAULT_MAX_PIXELS} ({per_worker / DEFAULT_MAX_PIXELS:.1f} bytes per pixel of the limit), "
+            f"{args.workers} workers"
+        )
+    print(machine_line(simplejpeg=simplejpeg.__version__, opencv=cv2.__version__))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--memory", action="store_true", help="measure peak RSS per case instead of speed")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # a --memory case on stdin
     parser.add_argument("--images", type=int, default=20_000)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--cache", type=Path, help="keep the generated images here (reused on the next run)")
     parser.add_argument("--psnr-every", type=int, default=10, help="compare every N-th image ID (default 10)")
     parser.add_argument("--rounds", type=int, default=2, help="alternate the engines this many times; best kept")
     args = parser.parse_args()
+    if args.child:
+        return child_pack(json.loads(sys.stdin.read()))
+    if args.memory:
+        return memory(args)
 
     with tempfile.TemporaryDirectory(prefix="bench_pack_") as tmp:
         folder = args.cache or Path(tmp) / "images"
