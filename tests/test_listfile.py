@@ -61,6 +61,7 @@ MALFORMED = [
     ),
     ("too few labels", b"1\t0\ta.jpg\n", ["L:1: expected 2 label values, found 1"]),
     ("too many labels", b"1\t0\t1\t1\ta.jpg\n", ["L:1: expected 2 label values, found 3"]),
+    ("too few labels, a path with a space", b"1\t0\ta b.jpg\n", ["L:1: expected 2 label values, found 1"]),
     (
         "space in space-separated path",
         b"1 0 1 my file.jpg\n",

@@ -456,6 +456,7 @@ def _parse_line(
     # The field count first: a stray tab or a space between tab-separated fields explains a bad ID better than
     # "missing ID" or "not an integer" does.
     shape: str | None = None
+    id_explained = False  # the shape message already says why the first field is no ID
     rest = fields[1:]
     if len(rest) != num_labels + 1:
         expected = f"expected {num_labels + 2} tab-separated fields (ID, {num_labels} label values, path)"
@@ -466,13 +467,15 @@ def _parse_line(
         elif len(rest) < num_labels and all(v in ("0", "1") for v in rest):
             some = f"{len(rest)} label value{'s' if len(rest) > 1 else ''}"
             shape = f"{some} and no path after the ID (expected {num_labels} label values, then a path)"
-        elif tabbed and any(" " in f for f in fields[: num_labels + 1]):
+        elif tabbed and any(" " in f for f in fields[: min(num_labels + 1, len(fields) - 1)]):  # not in the path
             shape = (
                 "the line mixes tabs and spaces between fields (a line with a tab is split at tabs only, so that "
                 f"its path may contain spaces): {expected}, found {len(fields)}"
             )
+            id_explained = True
         elif tabbed and (empty := _empty_fields(fields)):
             shape = f"{empty}: {expected}, found {len(fields)}"
+            id_explained = not fields[0]
         else:
             found = len(rest) - 1
             hint = " (a path containing spaces needs tab-separated fields)" if not tabbed and found > num_labels else ""
@@ -485,8 +488,8 @@ def _parse_line(
     value: int | None = None
     if id_text.isascii() and id_text.isdigit() and len(id_text.lstrip("0")) <= 19 and int(id_text) <= MAX_ID:
         value = int(id_text)  # (length first: int() refuses strings over 4,300 digits)
-    elif shape and shape.startswith("the line mixes tabs and spaces"):
-        pass  # the first field is not the ID the line meant
+    elif id_explained:
+        pass
     elif edge := _edge_space(id_text):
         errors.append(f"ID {quote(id_text)} {edge}; {_NOT_A_SEPARATOR}")
     elif id_text.isascii() and id_text.isdigit():
@@ -494,8 +497,7 @@ def _parse_line(
     elif id_text.startswith("-") and id_text[1:].isascii() and id_text[1:].isdigit():
         errors.append(f"ID {quote(id_text)} is negative (expected an integer >= 0)")
     elif not id_text:
-        if not (shape and shape.startswith("the line starts with an empty field")):
-            errors.append("missing ID (expected an integer >= 0 as the first field)")
+        errors.append("missing ID (expected an integer >= 0 as the first field)")
     else:
         errors.append(f"ID {quote(id_text)} is not an integer")
     if shape:
