@@ -196,8 +196,8 @@ def idle_and_slow(info: endpoint.EndpointInfo, idle: int = 200, slow: int = 20):
                 sock.close()
             for t in threads:
                 t.join()
-            return (f"{idle} idle connections opened ({refused} refused), {closed} closed by the server (idle timeout, or to make "
-                    f"room); {slow} slow clients cut off {len(cut_off)} times")  # fmt: skip
+            return (f"{idle} idle connections opened ({refused} refused), {closed} closed by the server (idle "
+                    f"timeout, or to make room); {slow} slow clients cut off {len(cut_off)} times")  # fmt: skip
 
         return report
 
