@@ -756,8 +756,10 @@ def test_slow_clients_are_cut_off_and_a_full_server_answers_503(limited):
     request = b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nX-Pad: " + b"a" * 300
     cut_off = False
     try:
-        for byte in request:  # 300+ bytes, one every 0.1 s: over 30 s, ten times the read timeout
+        for i, byte in enumerate(request):  # 300+ bytes, one every 0.1 s: over 30 s, ten times the read timeout
             slow.sendall(bytes([byte]))
+            if i == 5:  # meanwhile, others are served
+                assert post(limited.invocations_url, render(6)[0])[0] == 200
             time.sleep(0.1)
     except OSError:
         cut_off = True

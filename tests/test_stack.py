@@ -149,3 +149,20 @@ def test_up_is_idempotent_and_down_stops_everything(stack_home):
     modes = {p: p.stat().st_mode & 0o777 for p in entries if not p.is_symlink()}
     exposed = [f"{p} {mode:o}" for p, mode in modes.items() if mode & 0o077]
     assert exposed == [], exposed
+
+
+def test_services_restart_an_endpoint_that_accepts_models_from_elsewhere(stack_home):
+    """An endpoint left running from before the S3 server moved would refuse every deploy (its --s3-endpoint is the
+    old one): services.start starts it anew for the S3 server it finds, with the same admin token."""
+    state = services.endpoint_state_dir()
+    stale = endpoint.start(name=services.ENDPOINT_NAME, state_dir=state, s3_endpoints=["http://127.0.0.1:9"])
+    token = endpoint.admin_token(state)
+    try:
+        running = services.start()
+        assert running.endpoint.pid != stale.pid and not process.pid_alive(stale.pid)
+        assert endpoint.s3_endpoints_of(state) == [running.s3.endpoint]
+        assert running.airflow_variables() == {"tagflow_endpoint_url": running.endpoint.url,
+                                               "tagflow_endpoint_token": token}  # fmt: skip
+        assert services.start().endpoint.pid == running.endpoint.pid  # as it should be now: left alone
+    finally:
+        services.stop()

@@ -279,6 +279,14 @@ def status(state_dir: Path) -> EndpointInfo | None:
     )
 
 
+def s3_endpoints_of(state_dir: Path) -> list[str]:
+    """The S3 endpoints the endpoint started for `state_dir` accepts presigned model URLs from (AWS S3 aside)."""
+    try:
+        return list(json.loads((state_dir / "endpoint.json").read_text()).get("s3_endpoints", []))
+    except (OSError, ValueError):
+        return []
+
+
 def _wait_listening(url: str, name: str, proc: subprocess.Popen, log_file: Path, log_start: int) -> None:
     deadline = time.monotonic() + START_TIMEOUT_S
     last: object = None

@@ -50,7 +50,10 @@ def start() -> Services:
     client = info.client()
     for bucket in default_buckets():
         s3.ensure_bucket(client, bucket)
-    served = endpoint.start(None, name=ENDPOINT_NAME, state_dir=endpoint_state_dir(), s3_endpoints=[info.endpoint])
+    state = endpoint_state_dir()
+    if endpoint.status(state) and info.endpoint not in endpoint.s3_endpoints_of(state):
+        endpoint.stop(state)  # it accepts models from where the S3 server was before it moved: start it anew
+    served = endpoint.start(None, name=ENDPOINT_NAME, state_dir=state, s3_endpoints=[info.endpoint])
     return Services(s3=info, endpoint=served)
 
 
