@@ -733,6 +733,25 @@ def test_warnings_log_each_message_at_warning_level(caplog):
     assert len(caplog.records) == 3 and all(r.levelno == logging.WARNING for r in caplog.records)
 
 
+@FUZZ
+@given(st.integers(1, 6), st.lists(st.tuples(st.integers(0, 63), st.sampled_from("abcdef")), min_size=1, max_size=40))
+def test_warning_counts_match_a_plain_count(num_labels, rows):
+    masks = [m & (2**num_labels - 1) for m, _ in rows]
+    labels = ((np.array(masks, np.int64)[:, None] >> np.arange(num_labels)) & 1).astype(np.uint8)
+    paths = [f"{p}.jpg" for _, p in rows]
+    lf = ListFile("gen", np.arange(len(rows), dtype=np.int64), labels, paths, "", np.arange(1, len(rows) + 1))
+    warnings = list_warnings(lf)
+    plain = labels.tolist()
+    assert warnings.images_without_labels == sum(1 for r in plain if not any(r))
+    assert len(warnings.labels_without_images) == sum(1 for c in zip(*plain, strict=True) if not any(c))
+    repeated = [p for p in dict.fromkeys(paths) if paths.count(p) > 1]
+    assert warnings.paths_under_several_ids == len(repeated)
+    assert [e["path"] for e in warnings.shared_path_examples] == repeated[:5]
+    for e in warnings.shared_path_examples:
+        rows_of = [i for i, p in enumerate(paths) if p == e["path"]]
+        assert e["count"] == len(rows_of) and e["ids"] == rows_of[:5] and e["lines"] == [r + 1 for r in rows_of[:5]]
+
+
 def test_warnings_take_names_for_every_column():
     with pytest.raises(ValueError, match="1 label names for a list of 2 labels"):
         list_warnings(parse_list(b"1\t0\t1\ta.jpg\n", 2), ["only"])

@@ -632,7 +632,7 @@ def _rows_of(example: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def list_warnings(lf: ListFile, label_names: list[str] | None = None) -> ListWarnings:
-    """Count what `lf` holds that is valid but probably a mistake (vectorized; ~35 ms at 155,000 x 334).
+    """Count what `lf` holds that is valid but probably a mistake (vectorized: 25-50 ms at 155,000 x 334).
 
     `label_names` names the columns in messages (default `label_0`...). Call it once per list, for example right
     after parsing; `manifest.build` records its `counts()`.
@@ -650,18 +650,19 @@ def list_warnings(lf: ListFile, label_names: list[str] | None = None) -> ListWar
     carried = lf.labels.max(axis=0) if n else np.zeros(lf.num_labels, np.uint8)
     unused = np.flatnonzero(carried == 0).tolist()
 
-    shared: list[tuple[str, list[int]]] = []
-    if len(set(lf.paths)) != n:  # the common case costs one set; the rows are gathered only if a path repeats
-        rows_of: dict[str, list[int]] = {}
-        for row, p in enumerate(lf.paths):
-            rows_of.setdefault(p, []).append(row)
-        shared = [(p, rows) for p, rows in rows_of.items() if len(rows) > 1]
+    # Each row's first row with the same path: a dict built and read at C speed, no Python loop over rows.
+    first_of = dict(zip(reversed(lf.paths), range(n - 1, -1, -1), strict=True))
+    shared_firsts = np.zeros(0, np.int64)
+    if len(first_of) != n:
+        first = np.fromiter(map(first_of.__getitem__, lf.paths), np.int64, n)
+        shared_firsts = np.unique(first[first != np.arange(n)])  # one entry per repeated path, in row order
     shared_examples = []
-    for p, rows in shared[:MAX_EXAMPLES]:
-        shown = rows[:MAX_EXAMPLES]
-        entry: dict[str, Any] = {"path": p, "ids": [int(lf.ids[r]) for r in shown], "count": len(rows)}
+    for head in shared_firsts[:MAX_EXAMPLES].tolist():
+        rows = np.flatnonzero(first == head)
+        shown = rows[:MAX_EXAMPLES].tolist()
+        entry: dict[str, Any] = {"path": lf.paths[head], "ids": lf.ids[shown].tolist(), "count": len(rows)}
         if lf.lines is not None:
-            entry["lines"] = [int(lf.lines[r]) for r in shown]
+            entry["lines"] = lf.lines[shown].tolist()
         shared_examples.append(entry)
 
     return ListWarnings(
@@ -672,7 +673,7 @@ def list_warnings(lf: ListFile, label_names: list[str] | None = None) -> ListWar
         unlabeled_examples=[example(r) for r in unlabeled[:MAX_EXAMPLES].tolist()],
         labels_without_images=[names[k] for k in unused],
         label_columns=[k + 2 for k in unused],
-        paths_under_several_ids=len(shared),
+        paths_under_several_ids=len(shared_firsts),
         shared_path_examples=shared_examples,
     )
 
