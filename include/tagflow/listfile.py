@@ -650,10 +650,11 @@ def list_warnings(lf: ListFile, label_names: list[str] | None = None) -> ListWar
     carried = lf.labels.max(axis=0) if n else np.zeros(lf.num_labels, np.uint8)
     unused = np.flatnonzero(carried == 0).tolist()
 
-    # Each row's first row with the same path: a dict built and read at C speed, no Python loop over rows.
-    first_of = dict(zip(reversed(lf.paths), range(n - 1, -1, -1), strict=True))
+    # Each row's first row with the same path: a dict built and read at C speed, no Python loop over rows; only
+    # when a set (a third of the cost) shows that some path repeats.
     shared_firsts = np.zeros(0, np.int64)
-    if len(first_of) != n:
+    if len(set(lf.paths)) != n:
+        first_of = dict(zip(reversed(lf.paths), range(n - 1, -1, -1), strict=True))
         first = np.fromiter(map(first_of.__getitem__, lf.paths), np.int64, n)
         shared_firsts = np.unique(first[first != np.arange(n)])  # one entry per repeated path, in row order
     shared_examples = []
