@@ -151,3 +151,10 @@ def test_preflight_accepts_the_defaults_of_both_modes_backends_and_presets(param
     hyperparameters = checked.get("HyperParameters") or checked["TrainingJobDefinition"]["StaticHyperParameters"]
     assert hyperparameters["num_classes"] == str(cfg.num_labels)
     assert hyperparameters["image_shape"] == f"3,{cfg.resize},{cfg.resize}"
+
+
+def test_the_forms_pixel_limit_reaches_the_packer():
+    from tagflow.pack import PackParams
+
+    assert jobs.dataset_spec(runconfig.resolve({})).pack.max_pixels == PackParams().max_pixels
+    assert jobs.dataset_spec(runconfig.resolve({"max_pixels": 1_000_000})).pack.max_pixels == 1_000_000

@@ -468,7 +468,7 @@ def test_images_above_the_pixel_limit_are_bad_images(bomb, images, tmp_path):
     assert sum(report.counts.values()) == 2
     # Counted toward the bad-image threshold like any other bad image, and named with the reason.
     errors = [{"path": e.path, "reason": e.reason} for e in report.errors]
-    with pytest.raises(TooManyFailures, match=r"3 of 5 images \(60\.00%\).*\n  .*bomb\.png: 12000x12000 = "):
+    with pytest.raises(TooManyFailures, match=r"3 of 5 images \(60\.00%\).*\n  '.*bomb\.png': 12000x12000 = "):
         check_bad_fraction(errors, len(items), 0.5)
     # The default limit refuses the bomb too, and admits every ordinary test image.
     default = pack([(1, [1], bomb), (2, [1], images["land.jpg"])], tmp_path / "default")

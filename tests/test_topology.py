@@ -170,7 +170,10 @@ def topology(s3_server, metadata_db, broker_prefix, served, tmp_path_factory):
         home=root / "airflow",
         database_url=database_url,
         executor="CeleryExecutor",
-        variables={"tagflow_endpoint_url": served.url},
+        variables={
+            "tagflow_endpoint_url": served.url,
+            "tagflow_endpoint_token": endpoint.admin_token(served.state_dir),
+        },
         extra={
             "TAGFLOW_HOME": str(root / "home"),
             "TAGFLOW_SCHEDULE": "@daily",  # backfill dates map to daily data intervals

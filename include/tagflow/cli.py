@@ -31,6 +31,15 @@ s3_app = typer.Typer(help="The local S3 server (SeaweedFS) for runs without AWS.
 app.add_typer(s3_app, name="s3")
 
 MAX_RESIZE = 1024  # as the trigger form's Resize field (tagflow.runconfig.PARAMS["resize"])
+MaxPixels = Annotated[
+    int | None,
+    typer.Option(
+        "--max-pixels",
+        min=1,
+        help="Refuse source images above this many pixels (width × height, read from the header) as bad images "
+        "(default: 4096 × 4096); packing needs about 18 bytes per pixel of this per worker.",
+    ),
+]
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout instead of a sentence.")]
 NumLabels = Annotated[int, typer.Option("--num-labels", "-n", min=1, help="Label columns per line (50 or 334).")]
 MaybeNumLabels = Annotated[
@@ -50,6 +59,11 @@ _left_behind = ["nothing half-written was left (outputs are written under tempor
 
 def _on_interrupt(sentence: str) -> None:
     _left_behind[0] = sentence
+
+
+def _max_pixels(value: int | None) -> dict[str, int]:
+    """PackParams' max_pixels when the flag was given (its default lives in tagflow.pack)."""
+    return {} if value is None else {"max_pixels": value}
 
 
 def _emit(as_json: bool, summary: dict[str, Any], sentence: str) -> None:
@@ -177,6 +191,7 @@ def pack(
     train_ratio: Annotated[float, typer.Option(min=0, max=1, help="Share of images in train (stable by ID).")] = 0.9,
     workers: Annotated[int | None, typer.Option(min=1, help="Processes (default: all cores).")] = None,
     engine: Annotated[str, typer.Option(help="native, or mxnet (MXNet's own im2rec, for comparison).")] = "native",
+    max_pixels: MaxPixels = None,
     max_bad_fraction: Annotated[float, typer.Option(min=0, max=1, help="Fail above this share of bad images.")] = 0.01,
     as_json: JsonFlag = False,
 ) -> None:
@@ -191,7 +206,12 @@ def pack(
     if engine not in ("native", "mxnet"):
         raise InputError(f"--engine {engine!r}: expected 'native' or 'mxnet'")
     params = packing.PackParams(
-        resize=resize, center_crop=center_crop, quality=quality, encoding=encoding, train_ratio=train_ratio
+        resize=resize,
+        center_crop=center_crop,
+        quality=quality,
+        encoding=encoding,
+        train_ratio=train_ratio,
+        **_max_pixels(max_pixels),
     )
     raw, name = read_location(list_file)
     num_labels = num_labels or infer_num_labels(raw, name=name)
@@ -201,24 +221,28 @@ def pack(
         (int(i), listfile.labels[row], local_path(root, listfile.paths[row])) for row, i in enumerate(listfile.ids)
     ]
     started = time.perf_counter()
-    # The manifest is the dataset's seal: an earlier one goes first, so an interrupted or failed pack never leaves
-    # new records under an old manifest (or old records with none); it is written again only when all is whole.
+    # The manifest is the dataset's seal. The native packer renames its four files into place together, removing an
+    # earlier manifest just before: interrupted, it leaves the folder as it was. im2rec writes in place, so an
+    # earlier manifest goes first. A threshold or manifest failure after that removes the new files: a folder is a
+    # whole dataset or holds none of it.
     dataset_files = [out_dir / f for f in ("manifest.json", "train.rec", "train.idx", "val.rec", "val.idx")]
-    if out_dir.is_dir():
+    if engine == "mxnet":
         dataset_files[0].unlink(missing_ok=True)
-    _on_interrupt(f"no dataset was left in {out_dir} (a folder holds a dataset only with its manifest.json)")
+        _on_interrupt(f"no dataset was left in {out_dir} (a folder holds a dataset only with its manifest.json)")
+    else:
+        _on_interrupt(f"{out_dir} is as it was: the new files replace it only together, when all are whole")
+    with _progress("pack") as update:
+        if engine == "native":
+            report = packing.pack(items, out_dir, params, workers=workers, progress=update)
+        else:
+            report = packing.pack_with_im2rec(items, out_dir, params, workers=workers)
+    errors = [dict(e) for e in report.to_dict()["errors"]]
     try:
-        with _progress("pack") as update:
-            if engine == "native":
-                report = packing.pack(items, out_dir, params, workers=workers, progress=update)
-            else:
-                report = packing.pack_with_im2rec(items, out_dir, params, workers=workers)
-        errors = [dict(e) for e in report.to_dict()["errors"]]
         check_bad_fraction(errors, len(listfile), max_bad_fraction)
         manifest.build(out_dir, listfile=listfile, label_names=names, pack_params=params, errors=errors, list_name=name)
     except BaseException:
         for path in dataset_files:
-            path.unlink(missing_ok=True)  # a folder is a whole dataset or holds none of it
+            path.unlink(missing_ok=True)
         raise
     seconds = time.perf_counter() - started
     summary = {**report.to_dict(), "out_dir": str(out_dir), "seconds": round(seconds, 3), "engine": engine}
@@ -258,6 +282,7 @@ def run(
     quality: Annotated[int, typer.Option(min=1, max=100)] = 95,
     train_ratio: Annotated[float, typer.Option(min=0, max=1)] = 0.9,
     max_bad_fraction: Annotated[float, typer.Option(min=0, max=1)] = 0.01,
+    max_pixels: MaxPixels = None,
     as_json: JsonFlag = False,
 ) -> None:
     """The whole data plane, shard by shard through S3 staging, exactly as the DAG runs it."""
@@ -272,7 +297,7 @@ def run(
         labels_uri=labels,
         staging_uri=staging,
         shard_size=shard_size,
-        pack=PackParams(resize=resize, quality=quality, train_ratio=train_ratio),
+        pack=PackParams(resize=resize, quality=quality, train_ratio=train_ratio, **_max_pixels(max_pixels)),
         max_bad_fraction=max_bad_fraction,
     )
 
@@ -466,12 +491,23 @@ def serve_start(
     port: Annotated[int | None, typer.Option(help="Port (default: a free one).")] = None,
     host: Annotated[str, typer.Option(help="Address to listen on (loopback by default).")] = "127.0.0.1",
     workers: Annotated[int, typer.Option(min=1, help="Model executors (concurrent predictions).")] = 1,
+    max_pixels: Annotated[
+        int | None, typer.Option(min=1, help="Largest image accepted, width × height (default 4096 × 4096).")
+    ] = None,
+    max_bytes: Annotated[int | None, typer.Option(min=1, help="Largest request body (default 6 MB).")] = None,
+    idle_timeout: Annotated[
+        float | None, typer.Option(min=0.1, help="Seconds an idle keep-alive connection stays open (default 10).")
+    ] = None,
+    read_timeout: Annotated[
+        float | None, typer.Option(min=0.1, help="Seconds a request may take to arrive whole (default 30).")
+    ] = None,
+    max_connections: Annotated[int | None, typer.Option(min=1, help="Open connections at most (default 64).")] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Start serving MODEL, or an empty endpoint to load models into later (or report the one running under NAME).
 
-    With TAGFLOW_ENDPOINT_TOKEN set, the server accepts model loads from any client sending it as a bearer token
-    (loopback included); without, from loopback clients only.
+    The admin token is TAGFLOW_ENDPOINT_TOKEN if set, else the one kept in .tagflow/endpoints/NAME/admin-token (made
+    at the first start, mode 0600); every model load must send it, loopback clients included.
     """
     from dataclasses import asdict
 
@@ -485,6 +521,11 @@ def serve_start(
         workers=workers,
         state_dir=endpoint.default_state_dir(name),
         token=_endpoint_token(),
+        max_pixels=max_pixels,
+        max_bytes=max_bytes,
+        idle_timeout=idle_timeout,
+        read_timeout=read_timeout,
+        max_connections=max_connections,
     )
     serving = f"serving {info.model_source}" if info.model_source else "with no model yet"
     _emit(as_json, asdict(info), f"endpoint {info.name} at {info.url} {serving} (pid {info.pid})")

@@ -57,7 +57,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tagflow.errors import InputError, TagflowError, TooManyFailures, quote
+from tagflow.errors import InputError, TagflowError, TooManyFailures, os_error_reason, os_failure, quote
 from tagflow.paths import is_s3_uri, local_path, local_relpath, source_uri
 from tagflow.s3 import DEFAULT_POOL_SIZE, S3Uri, list_objects, make_client
 
@@ -509,29 +509,6 @@ def _image_problem(data: bytes) -> str | None:
 
 # Errors about the folder rather than one object: the run stops with a message instead of failing every object.
 DEST_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO})
-_REASONS = {
-    errno.ENOSPC: "no space left on the device (disk full)",
-    errno.EDQUOT: "disk quota exceeded",
-    errno.EROFS: "the file system is read-only",
-    errno.EACCES: "permission denied",
-    errno.EPERM: "operation not permitted",
-    errno.ENAMETOOLONG: "file name too long",
-}
-
-
-MACHINE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO})  # the machine failed, not the path given
-
-
-def os_error_reason(err: OSError) -> str:
-    """An OSError in words, without its (possibly huge) file name: the caller names the file."""
-    return _REASONS.get(err.errno or 0) or (err.strerror or type(err).__name__).lower()
-
-
-def os_failure(doing: str, err: OSError) -> TagflowError:
-    """`DOING: reason` as InputError (exit 2) when the path given is wrong (read-only, no permission, a file in the
-    way) or as TagflowError (exit 1) when the machine failed (disk full, quota, I/O error)."""
-    kind = TagflowError if err.errno in MACHINE_ERRNOS else InputError
-    return kind(f"{doing}: {os_error_reason(err)}")
 
 
 def ensure_folder(path: Path, role: str) -> Path:

@@ -46,7 +46,7 @@ def check_bad_fraction(errors: list[dict[str, str]], total: int, limit: float, w
     """
     if not total or len(errors) / total <= limit:
         return
-    shown = "\n".join(f"  {e.get('path')}: {e.get('reason')}" for e in errors[:20])
+    shown = "\n".join(f"  {quote(e.get('path'))}: {e.get('reason')}" for e in errors[:20])
     more = f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else ""
     raise TooManyFailures(
         f"{len(errors)} of {total} {what} ({len(errors) / total:.2%}) could not be used, above the allowed "
@@ -71,6 +71,19 @@ _BAD_PATH_ERRNOS = frozenset(
     {errno.EEXIST, errno.ENOTDIR, errno.EISDIR, errno.EACCES, errno.EPERM, errno.ENOENT, errno.EROFS,
      errno.ENAMETOOLONG, errno.ELOOP, errno.EXDEV}
 )  # fmt: skip
+_REASONS = {
+    errno.EEXIST: "it already exists",
+    errno.ENOTDIR: "a part of the path is a file, not a folder",
+    errno.EISDIR: "it is a folder, not a file",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.EROFS: "the file system is read-only",
+    errno.ENOSPC: "no space left on the device (disk full)",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.ENOENT: "no such file or folder",
+    errno.ENAMETOOLONG: "file name too long",
+    errno.EIO: "input/output error",
+}
 
 
 def os_error_exit_code(err: OSError) -> int:
@@ -79,22 +92,21 @@ def os_error_exit_code(err: OSError) -> int:
     return 2 if err.errno in _BAD_PATH_ERRNOS else 1
 
 
+def os_error_reason(err: OSError) -> str:
+    """An OSError in words, without its (possibly huge) file name: the caller names the file."""
+    return _REASONS.get(err.errno or 0) or (err.strerror or str(err) or type(err).__name__).lower()
+
+
+def os_failure(doing: str, err: OSError) -> TagflowError:
+    """`DOING: reason` as InputError (exit 2) when the path given is wrong (read-only, no permission, a file in the
+    way) or as TagflowError (exit 1) when the machine failed (disk full, quota, I/O error)."""
+    kind = InputError if os_error_exit_code(err) == 2 else TagflowError
+    return kind(f"{doing}: {os_error_reason(err)}")
+
+
 def describe_os_error(err: OSError) -> str:
-    """One line for an OS error: the path(s) it concerns and what is wrong, e.g. `out: is an existing file, not a
-    folder (Not a directory)`; never a traceback."""
+    """One line for an OS error: the path(s) it concerns and what is wrong, e.g. `'out': a part of the path is a
+    file, not a folder`; never a traceback."""
     paths = [p for p in (err.filename, err.filename2) if p is not None]
     where = " → ".join(quote(os.fsdecode(p)) for p in paths)
-    reason = err.strerror or str(err) or type(err).__name__
-    hint = {
-        errno.EEXIST: "it already exists",
-        errno.ENOTDIR: "a part of the path is a file, not a folder",
-        errno.EISDIR: "it is a folder, not a file",
-        errno.EACCES: "permission denied",
-        errno.EPERM: "operation not permitted",
-        errno.EROFS: "the file system is read-only",
-        errno.ENOSPC: "no space left on the device",
-        errno.ENOENT: "no such file or folder",
-        errno.EIO: "input/output error",
-    }.get(err.errno or -1)
-    text = hint or reason
-    return f"{where}: {text}" if where else text
+    return f"{where}: {os_error_reason(err)}" if where else os_error_reason(err)

@@ -46,7 +46,12 @@ def dataset_spec(cfg: RunConfig, *, pack_workers: int | None = None) -> DatasetS
         source_uri=cfg.images_uri,
         labels_uri=cfg.labels_uri,
         shard_size=cfg.shard_size,
-        pack=PackParams(resize=cfg.resize, quality=cfg.quality, train_ratio=cfg.train_ratio),
+        pack=PackParams(
+            resize=cfg.resize,
+            quality=cfg.quality,
+            train_ratio=cfg.train_ratio,
+            **({} if cfg.max_pixels is None else {"max_pixels": cfg.max_pixels}),
+        ),
         pack_workers=pack_workers,
         list_until=cfg.list_until,
     )

@@ -51,8 +51,8 @@ import PIL
 import simplejpeg
 from PIL import Image, ImageOps
 
-from tagflow.download import ensure_folder, open_header, os_failure
-from tagflow.errors import InputError, TagflowError, quote
+from tagflow.download import ensure_folder, open_header
+from tagflow.errors import InputError, TagflowError, os_failure, quote
 from tagflow.recordio import RecordWriter, read_index
 
 log = logging.getLogger(__name__)

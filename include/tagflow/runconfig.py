@@ -137,6 +137,16 @@ PARAMS: dict[str, dict[str, Any]] = {
         "description": "Share of images in training/; the rest go to validation/.",
         "section": "Packing",
     },
+    "max_pixels": _nullable(
+        "integer",
+        minimum=1,
+        maximum=2**40,
+        title="Largest source image (pixels)",
+        description="Source images above this many pixels (width × height, read from the header) are bad images, "
+        "refused before decoding; empty: the packer's default, 4096 × 4096. Packing needs about 18 bytes per pixel "
+        "of this per worker.",
+        section="Packing",
+    ),
     "shard_size": {
         "type": "integer",
         "default": 5000,
@@ -302,6 +312,7 @@ class RunConfig:
     endpoint_name: str
     endpoint_instance_type: str
     metric_gate: float
+    max_pixels: int | None = None  # None: tagflow.pack's default
     list_until: str | None = None  # ISO time: partitions dated before it are read
 
     @property
