@@ -290,3 +290,16 @@ def test_a_failed_pack_leaves_no_stale_manifest(tmp_path, s3_server, s3_client, 
     done = tagflow("pack", "--list", data.list_uri, "--root", str(mirror), "--out-dir", str(out))
     assert done.returncode == 1 and "could not be used, above the allowed" in done.stderr, done.stderr
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == []
+
+
+def test_parse_warns_about_a_valid_but_suspicious_list(tmp_path):
+    listed = tmp_path / "odd.lst"
+    listed.write_text("1\t0\t0\ta.jpg\n2\t0\t0\ta.jpg\n3\t0\t0\tb.jpg\n")
+    done = tagflow("parse", str(listed), "-n", "2")
+    assert done.returncode == 0, done.stderr
+    warnings = [line for line in done.stdout.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 3
+    assert "none of the 3 images has a label" in warnings[0]
+    assert "'a.jpg' under ID 1 (line 1) and ID 2 (line 2)" in warnings[2]
+    counts = ok("parse", str(listed), "-n", "2")["warnings"]
+    assert (counts["images_without_labels"], counts["paths_under_several_ids"]) == (3, 1), counts

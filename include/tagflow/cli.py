@@ -113,12 +113,13 @@ def parse(
     as_json: JsonFlag = False,
 ) -> None:
     """Validate a list file (ID, N labels of 0/1, path per line); exit 2 with LIST:LINE errors if it is bad."""
-    from tagflow.listfile import parse_list, write_list
+    from tagflow.listfile import list_warnings, parse_list, write_list
     from tagflow.pipeline import load_label_names, read_location
 
     raw, name = read_location(list_file)
     listfile = parse_list(raw, num_labels, name=name).sorted_by_id()
     names = load_label_names(labels, num_labels)
+    warnings = list_warnings(listfile, names)  # after sorting: its examples keep their file lines
     if out:
         write_list(listfile, out)
     counts = listfile.label_counts()
@@ -129,13 +130,16 @@ def parse(
         "sha256": listfile.sha256,
         "label_counts": dict(zip(names, (int(c) for c in counts), strict=True)),
         "normalized": str(out) if out else None,
+        "warnings": warnings.to_dict(),
     }
     per_image = float(counts.sum()) / max(len(listfile), 1)
     _emit(
         as_json,
         summary,
         f"{name}: {len(listfile)} images, {num_labels} labels, {per_image:.2f} labels per image, "
-        f"sha256 {listfile.sha256[:12]}" + (f", normalized list at {out}" if out else ""),
+        f"sha256 {listfile.sha256[:12]}"
+        + (f", normalized list at {out}" if out else "")
+        + "".join(f"\nwarning: {message}" for message in warnings.messages()),
     )
 
 
@@ -199,7 +203,7 @@ def pack(
     from tagflow import manifest
     from tagflow import pack as packing
     from tagflow.errors import InputError, check_bad_fraction
-    from tagflow.listfile import infer_num_labels, parse_list
+    from tagflow.listfile import infer_num_labels, list_warnings, parse_list
     from tagflow.paths import local_path
     from tagflow.pipeline import load_label_names, read_location
 
@@ -217,6 +221,8 @@ def pack(
     num_labels = num_labels or infer_num_labels(raw, name=name)
     listfile = parse_list(raw, num_labels, name=name).sorted_by_id()
     names = load_label_names(labels, num_labels)
+    for message in list_warnings(listfile, names).messages():
+        typer.echo(f"warning: {message}", err=True)
     items = [
         (int(i), listfile.labels[row], local_path(root, listfile.paths[row])) for row, i in enumerate(listfile.ids)
     ]

@@ -44,7 +44,15 @@ from typing import Any
 
 from tagflow import manifest, s3
 from tagflow.errors import InputError, check_bad_fraction, describe_os_error, quote
-from tagflow.listfile import ListFile, concat_lists, default_label_names, parse_list, read_label_names, write_list
+from tagflow.listfile import (
+    ListFile,
+    concat_lists,
+    default_label_names,
+    list_warnings,
+    parse_list,
+    read_label_names,
+    write_list,
+)
 from tagflow.names import check_dataset_uri
 from tagflow.pack import PackParams, pack
 from tagflow.paths import local_path, source_uri
@@ -171,6 +179,8 @@ def prepare(spec: DatasetSpec, client=None) -> PlanRef:
     """
     client = client or s3.make_client()
     listfile = read_list(spec, client).sorted_by_id()
+    # A bad names file fails here, before any download; valid but suspicious lists are said in the task's log.
+    list_warnings(listfile, load_label_names(spec.labels_uri, spec.num_labels, client)).log()
     for bucket in {spec.staging.bucket, s3.S3Uri.parse(spec.dataset_uri).bucket}:
         s3.require_bucket(client, bucket)
     known = _source_objects(client, listfile, spec.source)
@@ -432,7 +442,13 @@ def publish(spec: DatasetSpec, ref: PlanRef, client=None, *, code_revision: str 
             revision=code_revision,
         )
         uris = upload_dataset(client, out, dataset)
-    return {"dataset": str(dataset), "uris": uris, "counts": doc["counts"], "errors": len(errors)}
+    return {
+        "dataset": str(dataset),
+        "uris": uris,
+        "counts": doc["counts"],
+        "errors": len(errors),
+        "warnings": doc["warnings"],
+    }
 
 
 def upload_dataset(client, out_dir: Path, dataset: s3.S3Uri) -> dict[str, str]:
