@@ -42,6 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from ic_data import Channel, DataError, scan
 from ic_hyperparams import HyperparameterError, Hyperparameters, parse
+from ic_metrics import multilabel_metrics
+from ic_parent import end_with_parent
 
 log = logging.getLogger("image-classification")
 
@@ -132,38 +134,6 @@ def check_data(hp: Hyperparameters, train: Channel, val: Channel) -> None:
 
 
 # --- metrics ---------------------------------------------------------------------------------------------------
-
-
-def average_precision(scores: np.ndarray, truth: np.ndarray) -> float:
-    """AP of one label: mean precision at the rank of each positive (ties broken by a stable sort)."""
-    positives = int(truth.sum())
-    if positives == 0:
-        return float("nan")
-    order = np.argsort(-scores, kind="stable")
-    hits = truth[order]
-    cumulative = np.cumsum(hits)
-    ranks = np.arange(1, len(hits) + 1)
-    return float((cumulative / ranks)[hits > 0].sum() / positives)
-
-
-def multilabel_metrics(prob: np.ndarray, truth: np.ndarray) -> dict[str, object]:
-    pred = prob >= THRESHOLD
-    truth_b = truth > 0.5
-    tp = (pred & truth_b).sum(0).astype(float)
-    fp = (pred & ~truth_b).sum(0).astype(float)
-    fn = (~pred & truth_b).sum(0).astype(float)
-    per_label_f1 = np.where(2 * tp + fp + fn > 0, 2 * tp / np.maximum(2 * tp + fp + fn, 1), 0.0)
-    micro = 2 * tp.sum() / max(2 * tp.sum() + fp.sum() + fn.sum(), 1)
-    ap = [average_precision(prob[:, c], truth_b[:, c].astype(float)) for c in range(prob.shape[1])]
-    valid_ap = [a for a in ap if not math.isnan(a)]
-    return {
-        "accuracy": float((pred == truth_b).mean()),
-        "mAP": float(np.mean(valid_ap)) if valid_ap else float("nan"),
-        "micro_f1": float(micro),
-        "macro_f1": float(per_label_f1.mean()),
-        "per_label_ap": [None if math.isnan(a) else round(a, 6) for a in ap],
-        "label_frequency": [round(float(f), 6) for f in truth_b.mean(0)],
-    }
 
 
 def multiclass_metrics(prob: np.ndarray, truth: np.ndarray, top_k: int | None) -> dict[str, object]:
@@ -507,29 +477,6 @@ def run(job: Path, stop: dict[str, bool]) -> int:
     )  # fmt: skip
     summary = train(job, hp, train_ch, val_ch, stop)
     return 143 if summary.get("interrupted") else 0
-
-
-PARENT_ENV = "TAGFLOW_PARENT_PID"  # set by tagflow.local.runner (tagflow.local.process.child_env)
-PR_SET_PDEATHSIG = 1
-
-
-def end_with_parent() -> bool:
-    """Have the kernel SIGKILL this trainer when the process that started it dies, however it dies (a killed
-    Airflow task cannot stop its children after SIGKILL, and a trainer whose log pipe is gone trains on unseen).
-    False if that process is already gone. Without PARENT_ENV (SageMaker's container) nothing is done."""
-    expected = os.environ.get(PARENT_ENV)
-    if not expected:
-        return True
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
-        log.warning("prctl(PR_SET_PDEATHSIG) failed (errno %d): this trainer may outlive its runner",
-                    ctypes.get_errno())  # fmt: skip
-    if os.getppid() != int(expected):  # the parent died before the line above took effect
-        log.error("the process that started this job (pid %s) is gone: not training", expected)
-        return False
-    return True
 
 
 def main(argv: list[str] | None = None) -> int:
