@@ -75,3 +75,36 @@ def test_an_endpoint_left_on_its_old_config_is_a_failed_deploy():
         "endpoint e did not switch to new: it still serves old (InService; The primary container for production "
         "variant AllTraffic did not pass the ping health check.). The old model keeps serving."
     )
+
+
+def section(value, labels=4, names=None):
+    return {"mAP": value, "labels": labels, "label_names": names}
+
+
+NAMES = ["red", "green", "blue", "round"]
+SWAPPED = "blue, round), the serving model 4 labels (red, green, blue, square)"
+
+
+@pytest.mark.parametrize(
+    ("candidate", "champion", "deploys", "reason"),
+    [
+        (section(0.6, names=NAMES), None, True, "passes: ≥ 2 × the label-frequency baseline's 0.2000"),
+        (section(0.39), None, False, "below 2 × the label-frequency baseline's 0.2000 (= 0.4000)"),
+        (section(0.6), section(0.6), True, "the serving model's 0.6000 − 0.0000 on the same split"),
+        (section(0.59), section(0.6), False, "worse than the serving model's 0.6000 on the same split"),
+        (section(None), None, False, "no mAP on this split"),
+        (section(0.6, 4), section(0.7, 3), False, "has 4 labels (names not recorded), the serving model 3 labels"),
+        (section(0.6, names=NAMES), section(0.5, names=[*NAMES[:3], "square"]), False, SWAPPED),
+    ],
+)
+def test_the_evaluation_gate(candidate, champion, deploys, reason):
+    decision = deploy.gate_by_evaluation(candidate, champion, baseline=0.2)
+    assert decision["deploy"] is deploys
+    assert reason in decision["reason"]
+
+
+def test_the_evaluation_gates_absolute_threshold_and_tolerance():
+    low = deploy.gate_by_evaluation(section(0.08), None, baseline=0.01)
+    assert not low["deploy"] and "below the absolute threshold 0.1000" in low["reason"]
+    assert deploy.gate_by_evaluation(section(0.08), None, baseline=0.01, threshold=0.05)["deploy"]
+    assert deploy.gate_by_evaluation(section(0.59), section(0.6), baseline=0.2, tolerance=0.02)["deploy"]

@@ -42,6 +42,86 @@ def gate(candidate: Mapping[str, Any], threshold: float, serving: float | None) 
     return {"deploy": True, "reason": f"{metric} {value:.4f} passes the gate {threshold:.4f} and {against}"}
 
 
+DEFAULT_LIFT = 2.0
+DEFAULT_THRESHOLD = 0.1
+DEFAULT_TOLERANCE = 0.0
+
+
+def _labels(section: Mapping[str, Any]) -> str:
+    names = section.get("label_names")
+    count = section.get("labels")
+    if not names:
+        return f"{count} labels (names not recorded)"
+    shown = ", ".join(names[:5]) + (f", … ({len(names) - 5} more)" if len(names) > 5 else "")
+    return f"{count} labels ({shown})"
+
+
+def gate_by_evaluation(
+    candidate: Mapping[str, Any],
+    champion: Mapping[str, Any] | None,
+    *,
+    baseline: float | None,
+    lift: float = DEFAULT_LIFT,
+    threshold: float = DEFAULT_THRESHOLD,
+    tolerance: float = DEFAULT_TOLERANCE,
+    metric: str = "mAP",
+) -> dict[str, Any]:
+    """{"deploy": bool, "reason": str} for two models scored on the same validation split (tagflow.evaluate).
+
+    `candidate` and `champion` (the serving model, None when there is none) are evaluation sections: `labels`
+    (count), `label_names` (None when unknown) and `metric` (macro mAP by default); `baseline` is the
+    label-frequency predictor's value of `metric` on that split. Deploy only if the label sets are equal (count, and
+    names when both are known), and the candidate's value is ≥ lift × baseline, ≥ threshold and ≥ the champion's
+    minus tolerance. Defaults: lift 2 (the issue's), threshold 0.1 (lift alone passes a near-random model on a
+    many-label set with rare labels, whose baseline is ~0.01), tolerance 0 (both are scored on the same images, so no
+    split noise needs absorbing, and any allowance would let a run of scheduled retrains ratchet quality down)."""
+    kept = "; the endpoint is left as it is"
+    if champion is not None:
+        names_differ = (
+            candidate.get("label_names") is not None
+            and champion.get("label_names") is not None
+            and list(candidate["label_names"]) != list(champion["label_names"])
+        )
+        if candidate.get("labels") != champion.get("labels") or names_differ:
+            return {
+                "deploy": False,
+                "reason": f"the label sets differ: the candidate has {_labels(candidate)}, the serving model "
+                f"{_labels(champion)}{kept}",
+            }
+    value = candidate.get(metric)
+    if not isinstance(value, (int, float)) or not math.isfinite(value):
+        reason = f"the candidate has no {metric} on this split (no label has a positive){kept}"
+        return {"deploy": False, "reason": reason}
+    if baseline is not None:
+        bar = lift * baseline
+        if value < bar:
+            return {
+                "deploy": False,
+                "reason": f"{metric} {value:.4f} is below {lift:g} × the label-frequency baseline's {baseline:.4f} "
+                f"(= {bar:.4f}){kept}",
+            }
+    if value < threshold:
+        reason = f"{metric} {value:.4f} is below the absolute threshold {threshold:.4f}{kept}"
+        return {"deploy": False, "reason": reason}
+    serving = None if champion is None else champion.get(metric)
+    if isinstance(serving, (int, float)) and math.isfinite(serving) and value < serving - tolerance:
+        return {
+            "deploy": False,
+            "reason": f"{metric} {value:.4f} is worse than the serving model's {serving:.4f} on the same split "
+            f"(tolerance {tolerance:.4f}){kept}",
+        }
+    against = (
+        "no serving model"
+        if champion is None
+        else f"the serving model's {serving:.4f} − {tolerance:.4f} on the same split"
+        if isinstance(serving, (int, float))
+        else "a serving model with no value"
+    )
+    base = f"{lift:g} × the label-frequency baseline's {baseline:.4f}, " if baseline is not None else ""
+    reason = f"{metric} {value:.4f} passes: ≥ {base}≥ the threshold {threshold:.4f}, ≥ {against}"
+    return {"deploy": True, "reason": reason}
+
+
 def local_serving_value(metadata: Mapping[str, Any] | None, metric: str) -> float | None:
     """The serving model's `metric` from the local endpoint's /metadata (its metrics.json), if it has one."""
     if not metadata:
