@@ -614,6 +614,51 @@ def predict(
     _emit(as_json, {"endpoint": info.name, "predictions": results}, "\n".join(lines))
 
 
+@app.command()
+def evaluate(
+    model: Annotated[str, typer.Argument(help="The model.tar.gz to judge (s3:// or a local path).")],
+    dataset: Annotated[str, typer.Option(help="s3://BUCKET/PREFIX of the packed dataset; its validation split.")],
+    champion: Annotated[
+        str | None, typer.Option(help="The serving model's model.tar.gz, scored on the same split.")
+    ] = None,
+    lift: Annotated[float, typer.Option(min=0, help="Deploy only at ≥ this × the label-frequency mAP.")] = 2.0,
+    threshold: Annotated[float | None, typer.Option(help="Deploy only at mAP ≥ this (default 0.1).")] = None,
+    tolerance: Annotated[float | None, typer.Option(help="Allowed mAP drop from the champion (default 0).")] = None,
+    job: Annotated[str | None, typer.Option(help="Also write PREFIX/output/JOB/evaluation/evaluation.json.")] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Score a model (and the serving one) on the dataset's current validation split: mAP and the gate's decision."""
+    from tagflow import deploy
+    from tagflow import evaluate as evaluation
+
+    doc = evaluation.evaluate(
+        model, dataset, champion_uri=champion, lift=lift,
+        threshold=deploy.DEFAULT_THRESHOLD if threshold is None else threshold,
+        tolerance=deploy.DEFAULT_TOLERANCE if tolerance is None else tolerance,
+    )  # fmt: skip
+    if job is not None:
+        doc["evaluation_uri"] = evaluation.write_evaluation(doc, dataset, job)
+    c, base = doc["candidate"], doc["baselines"]
+
+    def num(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.4f}"
+
+    lines = [
+        f"{model} on {doc['split']['images']} validation images of {dataset}:",
+        f"  mAP {num(c['mAP'])} (label-frequency baseline {num(base['label_frequency_mAP'])}), "
+        f"micro mAP {num(c['micro_mAP'])}",
+        f"  F1 at per-label thresholds: micro {num(c['micro_f1'])}, macro {num(c['macro_f1'])}; at 0.5: micro "
+        f"{num(c['micro_f1_at_0.5'])}, macro {num(c['macro_f1_at_0.5'])}",
+        f"  accuracy {num(c['accuracy'])} (all-negative baseline {num(base['all_negative_accuracy'])})",
+    ]
+    if doc["champion"] is not None:
+        lines.append(f"  champion {champion}: mAP {num(doc['champion'].get('mAP'))}")
+    lines.append(f"  gate: {'deploy' if doc['gate']['deploy'] else 'refuse'} — {doc['gate']['reason']}")
+    if job is not None:
+        lines.append(f"  written to {doc['evaluation_uri']}")
+    _emit(as_json, doc, "\n".join(lines))
+
+
 @app.command("demo-data")
 def demo_data(
     bucket_uri: Annotated[
