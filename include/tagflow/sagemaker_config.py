@@ -18,6 +18,7 @@ from types import ModuleType
 from typing import Any
 
 from tagflow.errors import InputError
+from tagflow.local import REPO
 from tagflow.s3 import S3Uri
 
 RECORDIO = "application/x-recordio"
@@ -105,13 +106,14 @@ def hyperparameter_strings(hyperparameters: Mapping[str, Any]) -> dict[str, str]
     return out
 
 
+HYPERPARAMS_SPEC = REPO / "algo" / "ic_hyperparams.py"
+
+
 @functools.cache
 def hyperparameter_spec() -> ModuleType:
     """The built-in algorithm's hyperparameter rules (algo/ic_hyperparams.py), loaded as plain Python: it imports
     neither MXNet nor tagflow, so the trainer, the tuner and a run's first task judge hyperparameters alike."""
-    from tagflow.local import REPO
-
-    path = REPO / "algo" / "ic_hyperparams.py"
+    path = HYPERPARAMS_SPEC
     name = "tagflow_algo_ic_hyperparams"
     spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
