@@ -22,8 +22,10 @@ Routes (stdlib ThreadingHTTPServer, HTTP/1.1 keep-alive):
   Errors come back as InvokeEndpoint's: `ModelError` (424) carrying `OriginalStatusCode` and `OriginalMessage` for
   what the container rejects, `ModelNotReadyException` (429) while no model is loaded, `ValidationError` (400) for
   an unknown endpoint name. SigV4 signatures are not checked.
-- `GET /metadata`: model folder, source, load time, shape, and metrics.json (a deploy gate reads the objective
-  here); 503 without a model.
+- `GET /metadata`: model folder, source, load time, shape, the params file and how it was chosen, and what the
+  model's metrics.json says (`multi_label`, `saved_epoch`, `selected_by`, `label_names`, and the whole file as
+  `metrics`: a deploy gate reads the objective here); each is null for a model without metrics.json (the
+  built-in's); 503 without a model.
 - `POST /admin/load` `{"model_url": URL, "source": "s3://…", "name": NAME}`: fetch a model.tar.gz from URL, extract
   it into a new folder under `--work-dir`, load and warm it completely, then swap one reference: requests already
   running finish on the old model, none is dropped, and the old model's folder is deleted. `source` is what /health
@@ -450,15 +452,23 @@ class Model:
             self._idle.put(executor)
 
     def describe(self) -> dict:
+        """/metadata. A model without metrics.json (SageMaker's built-in writes none) gets explicit nulls for what
+        only that file says (multi_label, the saved epoch, label names, metrics), never a guess."""
+        known = bool(self.metrics)
+        multi = self.metrics.get("multi_label")
         return {
             "model_dir": str(self.model_dir),
             "source": self.source,
             "params_file": self.params_file.name,
+            "params_file_chosen_by": "metrics.json" if self.metrics.get("params_file") else "highest-numbered",
             "loaded_at": self.loaded_at,
             "num_classes": self.num_classes,
             "image_shape": [self.channels, self.height, self.width],
-            "multi_label": bool(self.metrics.get("multi_label", False)),
-            "metrics": self.metrics,
+            "multi_label": None if multi is None else bool(multi),
+            "saved_epoch": self.metrics.get("best_epoch"),
+            "selected_by": self.metrics.get("selected_by"),
+            "label_names": self.metrics.get("label_names"),
+            "metrics": self.metrics if known else None,
         }
 
 

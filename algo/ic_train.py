@@ -9,13 +9,27 @@ for bad hyperparameters or data, `AlgorithmError:` otherwise). On SIGTERM it sto
 the best model so far and exits with status 143.
 
 Artifact (`model/`, what SageMaker tars into model.tar.gz): `image-classification-symbol.json` (inference symbol:
-raw RGB pixels NCHW → probabilities), `image-classification-NNNN.params` (the epoch, counted from 1, with the best
-validation accuracy; with `checkpoint_frequency` also every k-th epoch), `model-shapes.json`
-(`[{"name": "data", "shape": [batch, C, H, W]}]`) and `metrics.json`. `output/data/` gets `metrics.json` and
-`training-curve.png`.
+raw RGB pixels NCHW → probabilities), `image-classification-NNNN.params` (the saved epoch's weights; with
+`checkpoint_frequency=k` also the weights at every k-th epoch, as the built-in keeps them, so a later evaluation
+may pick another), `model-shapes.json` (`[{"name": "data", "shape": [batch, C, H, W]}]`) and `metrics.json`
+(`params_file`: the saved model's file; `checkpoint_epochs`: every params file → its epoch; `label_names`: the
+dataset's names when a tagflow manifest.json was staged with the train channel, else null). `output/data/` gets
+`metrics.json` and `training-curve.png`.
+
+Which epoch is saved — a difference from the built-in: the built-in keeps the epoch with the best validation
+accuracy. For a multi-label job that is the wrong judge (a model predicting no label at all scores ≈ 1 − label
+density), so multi-label jobs keep the epoch with the best validation mAP, and `early_stopping` counts improvement
+in mAP too; multi-class jobs (and a multi-label validation split without a single positive) keep the best accuracy,
+as the built-in. `metrics.json` says which (`selected_by`), and `Saved-model (epoch E) Validation-NAME=F` lines at
+the end of the log give the saved model's values (the `saved-model:*` metrics).
+
+Epoch numbers, one mapping: the log, metrics.json (`best_epoch`, `history[].epoch`, `checkpoint_epochs`) and the
+training curve count epochs from 0 as the built-in's log does (MXNet `Module.fit`: `Epoch[0]` is the first); a
+params file is numbered epoch + 1, the epochs completed, as MXNet's `do_checkpoint` names the built-in's files:
+`Epoch[3]`'s weights are `image-classification-0004.params`.
 
 Log lines follow the built-in (MXNet `Module.fit`) format, so one set of metric regexes serves both backends:
-`Epoch[E] Train-accuracy=F`, `Epoch[E] Time cost=S`, `Epoch[E] Validation-accuracy=F`, with E counted from 0.
+`Epoch[E] Train-accuracy=F`, `Epoch[E] Time cost=S`, `Epoch[E] Validation-accuracy=F`.
 Multi-label accuracy is the built-in's "average accuracy across all classes": the fraction of (image, label)
 decisions that are right when a label is predicted at probability ≥ 0.5. Beyond the built-in, multi-label jobs
 log and save `Validation-mAP` (mean over labels with a positive example of the average precision), micro and macro
@@ -282,8 +296,10 @@ def train(job: Path, hp: Hyperparameters, train_ch: Channel, val_ch: Channel, st
     infer_args = set(infer.list_arguments())
 
     history: list[dict[str, object]] = []
-    best: dict[str, object] = {"accuracy": -1.0, "epoch": None, "params": None, "metrics": None}
-    checkpoints: list[str] = []
+    selected_by = selection_metric(hp, val_ch)
+    log.info("the saved model will be the epoch with the best validation %s", selected_by)
+    best: dict[str, object] = {"value": -math.inf, "epoch": None, "params": None, "metrics": None}
+    checkpoints: dict[str, int] = {}  # params file name → the epoch (as logged) whose weights it holds
     total_batches = batches_per_epoch * hp.epochs
     done_batches, started, stall = 0, time.time(), 0
     stopped_early = interrupted = False
@@ -342,18 +358,16 @@ def train(job: Path, hp: Hyperparameters, train_ch: Channel, val_ch: Channel, st
             {"epoch": epoch, "train_accuracy": train_acc, "time": round(time.time() - tic, 3)}
             | {f"validation_{k}": v for k, v in metrics.items() if not isinstance(v, list)}
         )
-        previous = float(best["accuracy"])  # type: ignore[arg-type]
-        improved = val_acc > previous and (
-            previous <= 0 or (val_acc - previous) / previous > hp.early_stopping_tolerance
-        )
-        if val_acc > previous:
-            best = {"accuracy": val_acc, "epoch": epoch, "params": copy_params(module), "metrics": metrics}
-            log.info("Storing the best model with validation accuracy: %f", val_acc)
+        value, previous = float(metrics[selected_by]), float(best["value"])  # type: ignore[arg-type]
+        improved = value > previous and (previous <= 0 or (value - previous) / previous > hp.early_stopping_tolerance)
+        if value > previous:
+            best = {"value": value, "epoch": epoch, "params": copy_params(module), "metrics": metrics}
+            log.info("Storing the best model with validation %s: %f", selected_by, value)
         stall = 0 if improved else stall + 1
         if hp.checkpoint_frequency and (epoch + 1) % hp.checkpoint_frequency == 0:
-            name = f"{MODEL_PREFIX}-{epoch + 1:04d}.params"
+            name = params_file(epoch)
             save_params(module, model_dir / name, infer_args)
-            checkpoints.append(name)
+            checkpoints[name] = epoch
             log.info('Saved checkpoint to "%s"', model_dir / name)
         if hp.early_stopping and epoch + 1 >= hp.early_stopping_min_epochs and stall >= hp.early_stopping_patience:
             log.info("Early stopping criteria met: no improvement above tolerance for %d epochs", stall)
@@ -371,7 +385,7 @@ def train(job: Path, hp: Hyperparameters, train_ch: Channel, val_ch: Channel, st
     for name, value in best["metrics"].items():  # type: ignore[union-attr]
         if not isinstance(value, list):
             log.info("Saved-model (epoch %d) Validation-%s=%f", best_epoch, name, value)
-    params_name = f"{MODEL_PREFIX}-{best_epoch + 1:04d}.params"
+    params_name = params_file(best_epoch)
     save_params(module, model_dir / params_name, infer_args)
     infer.save(str(model_dir / f"{MODEL_PREFIX}-symbol.json"))
     shapes = [{"name": "data", "shape": [hp.mini_batch_size, *hp.image_shape]}]
@@ -389,9 +403,12 @@ def train(job: Path, hp: Hyperparameters, train_ch: Channel, val_ch: Channel, st
         "image_shape": list(hp.image_shape),
         "train_records": train_ch.count,
         "validation_records": val_ch.count,
+        "selected_by": f"validation:{selected_by}",
         "best_epoch": best_epoch,
         "params_file": params_name,
         "checkpoints": sorted(set(checkpoints) | {params_name}),
+        "checkpoint_epochs": dict(sorted({**checkpoints, params_name: best_epoch}.items())),
+        "label_names": label_names(job / "input" / "data" / "train", hp.num_classes),
         "stopped_early": stopped_early,
         "interrupted": interrupted,
         "validation": best["metrics"],
@@ -403,8 +420,37 @@ def train(job: Path, hp: Hyperparameters, train_ch: Channel, val_ch: Channel, st
     text = json.dumps(summary, indent=2)
     (model_dir / "metrics.json").write_text(text)
     (out_dir / "metrics.json").write_text(text)
-    draw_curve(history, out_dir / "training-curve.png", multi)
+    draw_curve(history, out_dir / "training-curve.png", multi, best_epoch)
     return summary
+
+
+def params_file(epoch: int) -> str:
+    """The params file of the epoch logged as `Epoch[epoch]`: numbered epoch + 1 (epochs completed), as MXNet's
+    `do_checkpoint` numbers the built-in's files."""
+    return f"{MODEL_PREFIX}-{epoch + 1:04d}.params"
+
+
+def selection_metric(hp: Hyperparameters, val: Channel) -> str:
+    """What picks the saved epoch: mAP for multi-label jobs whose validation split has a positive label (accuracy
+    cannot see a model that predicts nothing), accuracy otherwise (multi-class jobs, as the built-in)."""
+    if hp.multi_label and val.count and float(val.labels.sum()) > 0:
+        return "mAP"
+    return "accuracy"
+
+
+def label_names(channel_dir: Path, num_classes: int) -> list[str] | None:
+    """The label names of a tagflow dataset manifest (`manifest.json`) staged with the train channel, if it holds
+    `num_classes` of them: a train channel whose S3 prefix is the dataset's `training/` folder brings it along."""
+    path = channel_dir / "manifest.json"
+    try:
+        names = json.loads(path.read_text()).get("label_names")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if isinstance(names, list) and len(names) == num_classes and all(isinstance(n, str) for n in names):
+        return names
+    if names is not None:
+        log.warning("%s: label_names is not a list of %d names; not recorded", path, num_classes)
+    return None
 
 
 def log_progress(epoch: int, nbatch: int, per_epoch: int, speed: float, accuracy: float, eta_s: float) -> None:
@@ -419,8 +465,9 @@ def _clock(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
-def draw_curve(history: list[dict[str, object]], path: Path, multi: bool) -> None:
-    """A small accuracy-per-epoch chart drawn with OpenCV (matplotlib is not in the algorithm environment)."""
+def draw_curve(history: list[dict[str, object]], path: Path, multi: bool, saved_epoch: int | None = None) -> None:
+    """A small accuracy-per-epoch chart drawn with OpenCV (matplotlib is not in the algorithm environment). Epochs
+    are numbered as the log's `Epoch[E]`; a dashed line marks the saved epoch."""
     import cv2
 
     width, height, margin = 640, 400, 50
@@ -447,7 +494,14 @@ def draw_curve(history: list[dict[str, object]], path: Path, multi: bool) -> Non
         for p in points:
             cv2.circle(img, p, 3, color, -1, cv2.LINE_AA)
         cv2.putText(img, key, (x0 + 10 + 190 * i, 20), cv2.FONT_HERSHEY_SIMPLEX, 0.45, color, 1, cv2.LINE_AA)
-    cv2.putText(img, f"epoch (0..{span})", (width // 2 - 40, height - 15), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1)
+    if saved_epoch is not None:
+        x = int(x0 + (x1 - x0) * saved_epoch / span)
+        for y in range(y1, y0, 8):
+            cv2.line(img, (x, y), (x, min(y + 4, y0)), (90, 90, 90), 1)
+        cv2.putText(img, f"saved: epoch {saved_epoch}", (min(x + 4, x1 - 110), y1 + 14), cv2.FONT_HERSHEY_SIMPLEX,
+                    0.4, (90, 90, 90), 1, cv2.LINE_AA)  # fmt: skip
+    cv2.putText(img, f"epoch as logged, Epoch[0..{span}]", (width // 2 - 90, height - 15), cv2.FONT_HERSHEY_SIMPLEX,
+                0.45, (0, 0, 0), 1)  # fmt: skip
     cv2.imwrite(str(path), img)
 
 

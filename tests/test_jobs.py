@@ -81,6 +81,9 @@ def test_candidates_from_training_and_tuning_results():
         "model_data_url": "s3://b/p/output/j/output/model.tar.gz",
         "metric": "validation:accuracy",
         "value": 0.8,
+        "value_of": "last epoch",  # the built-in reports no saved-model:* values
+        "saved_model": None,
+        "last_epoch": {"epoch": None, "metrics": {"validation:accuracy": 0.8}},
     }
     tuning = {
         "HyperParameterTuningJobName": "t",
@@ -115,9 +118,14 @@ def test_a_local_job_is_judged_by_the_model_it_saved_not_its_last_epoch():
         "FinalMetricDataList": [
             {"MetricName": "validation:accuracy", "Value": 0.71},  # the last epoch
             {"MetricName": "saved-model:validation:accuracy", "Value": 0.74},  # the best epoch, in model.tar.gz
+            {"MetricName": "epoch", "Value": 4.0},
+            {"MetricName": "saved-model:epoch", "Value": 2.0},
         ],
     }
-    assert jobs.candidate({"Training": describe}, "validation:accuracy")["value"] == 0.74
+    found = jobs.candidate({"Training": describe}, "validation:accuracy")
+    assert (found["value"], found["value_of"]) == (0.74, "saved model")
+    assert found["saved_model"] == {"epoch": 2, "metrics": {"validation:accuracy": 0.74}}
+    assert found["last_epoch"] == {"epoch": 4, "metrics": {"validation:accuracy": 0.71}}
 
 
 @pytest.mark.parametrize(

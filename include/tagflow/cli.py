@@ -392,17 +392,38 @@ def train(
             raise InputError(f"{request}: not a readable JSON request ({err})") from None
     else:
         job = _dataset_request(dataset, _hyperparameter_pairs(hp or []), job_name, max_runtime)
+    from tagflow.jobs import training_candidate
+    from tagflow.local.runner import progress_line
+
+    def echo(line: str) -> None:  # the epochs as they end, on stderr (a pipe or a log file sees them too)
+        shown = progress_line(line)
+        if shown:
+            print(f"{job['TrainingJobName']}: {shown}", file=sys.stderr, flush=True)
+
     _on_interrupt("the training job and its trainer were stopped; a model is uploaded only whole, at the end")
-    described = run_training_job(job, workdir=workdir)
-    metrics = {m["MetricName"]: m["Value"] for m in described.get("FinalMetricDataList", [])}
+    described = run_training_job(job, workdir=workdir, on_line=echo)
     status = described["TrainingJobStatus"]
+    first = ("validation:mAP", "validation:accuracy", "validation:micro_f1", "validation:macro_f1")
+
+    def figures(values: dict[str, float]) -> str:
+        order = sorted(values, key=lambda k: (first.index(k) if k in first else len(first), k))
+        return ", ".join(f"{k} = {values[k]:.4f}" for k in order)
+
+    if status == "Completed":  # the saved model (what model.tar.gz holds) first, then the last epoch
+        found = training_candidate(described, "validation:accuracy")
+        saved, last = found["saved_model"], found["last_epoch"]
+        lines = [f"saved model (epoch {saved['epoch']}): {figures(saved['metrics'])}"] if saved else []
+        lines.append(f"last epoch (epoch {last['epoch']}): {figures(last['metrics'])}")
+        lines.append(f"model: {described['ModelArtifacts']['S3ModelArtifacts']}")
+    else:
+        lines = [f"{k} = {m:.4f}" for k, m in sorted((m["MetricName"], m["Value"]) for m in described.get(
+            "FinalMetricDataList", []))]  # fmt: skip
     _emit(
         as_json,
         described,
         f"{described['TrainingJobName']}: {status}"
         + (f" — {described.get('FailureReason')}" if status != "Completed" else "")
-        + "".join(f"\n  {k} = {v:.4f}" for k, v in sorted(metrics.items()))
-        + (f"\n  model: {described['ModelArtifacts']['S3ModelArtifacts']}" if status == "Completed" else ""),
+        + "".join(f"\n  {line}" for line in lines),
     )
     if status != "Completed":
         raise TagflowError(f"training job {described['TrainingJobName']} {status.lower()}")
@@ -453,19 +474,36 @@ def tune(
         max_parallel=max_parallel,
         early_stopping=early_stopping,
     )
-    described = run_tuning_job(request, workdir=workdir)
+    from tagflow.local.runner import progress_line
+
+    def echo(trial: str, line: str) -> None:  # each trial's epochs as they end, on stderr
+        shown = progress_line(line)
+        if shown:
+            print(f"{trial}: {shown}", file=sys.stderr, flush=True)
+
+    described = run_tuning_job(request, workdir=workdir, on_line=echo)
     best = described.get("BestTrainingJob") or {}
-    lines = [f"{name}: {described['HyperParameterTuningJobStatus']}"]
+    metric = described["HyperParameterTuningJobConfig"]["HyperParameterTuningJobObjective"]["MetricName"]
+    lines = [f"{name}: {described['HyperParameterTuningJobStatus']} (trials ranked by their saved model's {metric})"]
     for trial in described.get("TrainingJobSummaries", []):
         value = (trial.get("FinalHyperParameterTuningJobObjectiveMetric") or {}).get("Value")
-        shown = f"{value:.4f}" if value is not None else "-"
+        # The trial's own DescribeTrainingJob (the runner's describe.json) says which epochs the values are from.
+        trial_file = workdir / name / trial["TrainingJobName"] / "describe.json"
+        final = json.loads(trial_file.read_text()).get("FinalMetricDataList", []) if trial_file.is_file() else []
+        values = {m["MetricName"]: m["Value"] for m in final}
+        saved_epoch, last_epoch = values.get("saved-model:epoch"), values.get("epoch")
+        at = "" if saved_epoch is None else f" (epoch {saved_epoch:.0f})"
+        shown = "-" if value is None else f"saved model{at} {value:.4f}"
+        if metric in values and last_epoch is not None:
+            shown += f", last epoch (epoch {last_epoch:.0f}) {values[metric]:.4f}"
         lines.append(
             f"  {trial['TrainingJobName']}  {trial['TrainingJobStatus']:<9} {shown}  "
             f"{trial.get('TunedHyperParameters', {})}"
         )
     if best:
         lines.append(
-            f"best: {best['TrainingJobName']} ({best['FinalHyperParameterTuningJobObjectiveMetric']['Value']:.4f})"
+            f"best: {best['TrainingJobName']} (saved model's {metric} "
+            f"{best['FinalHyperParameterTuningJobObjectiveMetric']['Value']:.4f})"
         )
     _emit(as_json, described, "\n".join(lines))
     if described["HyperParameterTuningJobStatus"] != "Completed":
@@ -583,19 +621,34 @@ def predict(
     labels: Annotated[
         str | None, typer.Option(help="Label names: a dataset's manifest.json or a labels.txt (file or s3://).")
     ] = None,
+    dataset: Annotated[
+        str | None,
+        typer.Option(help="s3://BUCKET/PREFIX of the packed dataset: names from its training/manifest.json."),
+    ] = None,
     top_k: Annotated[int, typer.Option(min=1, help="Labels to show per image.")] = 5,
     as_json: JsonFlag = False,
 ) -> None:
-    """Top-k labels for each image from the running endpoint, through boto3's sagemaker-runtime client."""
+    """Top-k labels for each image from the running endpoint, through boto3's sagemaker-runtime client.
+
+    Label names: --labels, else the --dataset's manifest, else the names the served model recorded (its
+    metrics.json's `label_names`, shown at /metadata), else numbered names (label_0, …)."""
     from tagflow.errors import InputError, TagflowError
     from tagflow.local import endpoint
+    from tagflow.names import check_dataset_uri
     from tagflow.pipeline import load_label_names, read_location
+    from tagflow.s3 import S3Uri
 
+    if labels and dataset:
+        raise InputError("give at most one of --labels and --dataset")
+    if dataset:
+        labels = str(S3Uri.parse(check_dataset_uri(dataset, "--dataset")).join("training", "manifest.json"))
     info = endpoint.status(endpoint.default_state_dir(name))
     if info is None:
         raise TagflowError(f"no endpoint named {name!r} is running (tagflow serve start MODEL --name {name})")
+    recorded = (endpoint.metadata(info) or {}).get("label_names")  # None for a model that recorded none
     results, lines = [], []
     names: list[str] | None = None
+    source = labels or ("the model's recorded names" if recorded else "numbered names")
     for image in images:
         if not image.is_file():
             raise InputError(f"{image}: no such file")
@@ -603,15 +656,23 @@ def predict(
         if names is None:
             if labels and labels.endswith(".json"):
                 names = json.loads(read_location(labels)[0])["label_names"]
-            else:
+            elif labels or not recorded:
                 names = load_label_names(labels, len(probabilities))
+            else:
+                names = list(recorded)
             if len(names) != len(probabilities):
-                raise InputError(f"{labels}: {len(names)} label names for a model with {len(probabilities)} outputs")
+                raise InputError(f"{source}: {len(names)} label names for a model with {len(probabilities)} outputs")
+            if recorded and labels and list(recorded) != names:
+                i = next((i for i, (a, b) in enumerate(zip(recorded, names, strict=True)) if a != b), 0)
+                raise InputError(
+                    f"{labels}: label {i} is {names[i]!r}, but the served model was trained with {recorded[i]!r} "
+                    "there (its recorded label names differ)"
+                )
         ranked = sorted(range(len(probabilities)), key=lambda i: -probabilities[i])[:top_k]
         top = [{"label": names[i], "probability": round(probabilities[i], 4)} for i in ranked]
         results.append({"image": str(image), "top": top})
         lines.append(f"{image}: " + ", ".join(f"{t['label']} {t['probability']:.2f}" for t in top))
-    _emit(as_json, {"endpoint": info.name, "predictions": results}, "\n".join(lines))
+    _emit(as_json, {"endpoint": info.name, "label_names_from": source, "predictions": results}, "\n".join(lines))
 
 
 @app.command()

@@ -163,18 +163,30 @@ def training_candidate(describe: Mapping[str, Any], metric: str) -> dict[str, An
     if status != "Completed":
         raise job_failure(f"training job {name} {status}", describe.get("FailureReason", "no reason given"))
     values = {m["MetricName"]: float(m["Value"]) for m in describe.get("FinalMetricDataList", [])}
-    # The local trainer saves its best epoch and reports that model's values as saved-model:*; the built-in's final
-    # values are its last epoch's, the model it saves.
+    # The local trainer saves its best epoch and reports that model's values as saved-model:* (and its epoch as
+    # saved-model:epoch); the plain names are the last epoch's. The built-in reports only the plain names, and its
+    # saved model need not be its last epoch: then the value is the last epoch's, and `saved_model` is None.
+    saved = {k.removeprefix("saved-model:"): v for k, v in values.items() if k.startswith("saved-model:")}
+    last = {k: v for k, v in values.items() if not k.startswith("saved-model:")}
+    saved_epoch, last_epoch = (
+        None if e is None else int(e) for e in (saved.pop("epoch", None), last.pop("epoch", None))
+    )
     return {
         "job": name,
         "model_data_url": describe["ModelArtifacts"]["S3ModelArtifacts"],
         "metric": metric,
-        "value": values.get(f"saved-model:{metric}", values.get(metric)),
+        "value": saved.get(metric, values.get(metric)),
+        "value_of": "saved model" if metric in saved else "last epoch",
+        "saved_model": {"epoch": saved_epoch, "metrics": saved} if saved else None,
+        "last_epoch": {"epoch": last_epoch, "metrics": last},
     }
 
 
 def tuning_candidate(describe: Mapping[str, Any]) -> dict[str, Any]:
-    """The best trial of a finished tuning job (DescribeHyperParameterTuningJob's shape) as a model candidate."""
+    """The best trial of a finished tuning job (DescribeHyperParameterTuningJob's shape) as a model candidate.
+
+    Locally a trial's objective value is its saved model's (`saved-model:<objective>`), so `value` is the model in
+    the best trial's model.tar.gz; on SageMaker it is the built-in's final (last-epoch) value."""
     name = describe["HyperParameterTuningJobName"]
     best = describe.get("BestTrainingJob")
     if describe["HyperParameterTuningJobStatus"] != "Completed" or not best:

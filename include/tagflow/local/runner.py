@@ -19,7 +19,9 @@ one boto3's `create_training_job` takes) and does what SageMaker does with it:
 5. uploads `model/` as `S3OutputPath/JOB_NAME/output/model.tar.gz` and `output/data/` as `.../output.tar.gz`,
    exactly where SageMaker puts them;
 6. returns (and saves as `WORKDIR/JOB_NAME/describe.json`) a dict shaped like DescribeTrainingJob, with
-   FinalMetricDataList read from the log by the built-in algorithm's metric regexes.
+   FinalMetricDataList read from the log by the built-in algorithm's metric regexes: the plain names hold the
+   last epoch's values, the `saved-model:*` names those of the model in model.tar.gz (the trainer keeps its best
+   epoch), and `epoch` / `saved-model:epoch` say which epochs those are (EPOCH_DEFINITIONS).
 
 A job that fails (bad hyperparameters, data that does not match them, an algorithm error) is not an exception: it
 returns `TrainingJobStatus: Failed` and the trainer's one-paragraph `FailureReason`, as SageMaker would.
@@ -61,6 +63,19 @@ POLL_S = 0.2  # how often the runner looks at the stop event and the deadline
 FAILURE_REASON_MAX = 1024  # DescribeTrainingJob.FailureReason's length limit
 DEFAULT_MAX_RUNTIME_S = 86_400
 ARN_PREFIX = "arn:aws:sagemaker:local:000000000000:training-job/"
+# Beside the metric regexes, FinalMetricDataList carries two epoch numbers (counted from 0, as the log's Epoch[E]):
+# `epoch`, the last epoch validated, whose values the plain metric names hold, and `saved-model:epoch`, the epoch
+# the trainer saved, whose values the `saved-model:*` names hold. Not objectives: the tuner does not accept them.
+EPOCH_DEFINITIONS: tuple[dict[str, str], ...] = (
+    {"Name": "epoch", "Regex": r"Epoch\[(\d+)\] Validation-accuracy="},
+    {"Name": "saved-model:epoch", "Regex": r"Saved-model \(epoch (\d+)\) Validation-accuracy="},
+)
+# The trainer's lines worth a person's eye while a job runs (epoch ends, the best model stored, stops, errors).
+PROGRESS = re.compile(
+    r"Epoch\[\d+\] (Batch|Train-|Validation-)|Saved-model|Storing the best|Saved checkpoint|Early stopping|"
+    r"Stop requested|ClientError|AlgorithmError|^training |the saved model will be"
+)
+_LOG_PREFIX = re.compile(r"^\[[^\]]*\] ")  # the trainer's "[date time LEVEL thread] "
 
 
 def default_mxnet_python() -> Path:
@@ -190,7 +205,7 @@ class _JobFailure(Exception):
 def parse_metrics(lines: list[tuple[datetime, str]]) -> list[dict[str, Any]]:
     """FinalMetricDataList: the last value each metric regex found in the log, with the time it was logged."""
     found: dict[str, dict[str, Any]] = {}
-    for definition in (*METRIC_DEFINITIONS, *LOCAL_METRIC_DEFINITIONS):
+    for definition in (*METRIC_DEFINITIONS, *LOCAL_METRIC_DEFINITIONS, *EPOCH_DEFINITIONS):
         regex = re.compile(definition["Regex"])
         for stamp, line in lines:
             match = regex.search(line)
@@ -201,6 +216,13 @@ def parse_metrics(lines: list[tuple[datetime, str]]) -> list[dict[str, Any]]:
                     continue
                 found[definition["Name"]] = {"MetricName": definition["Name"], "Value": value, "Timestamp": stamp}
     return list(found.values())
+
+
+def progress_line(line: str) -> str | None:
+    """The trainer's log `line` without its timestamp, if it is one that shows progress; else None. For a caller
+    whose `on_line` echoes progress (`tagflow train` on stderr)."""
+    text = _LOG_PREFIX.sub("", line).replace("\t", "  ")
+    return text if PROGRESS.search(text) else None
 
 
 def _run_trainer(

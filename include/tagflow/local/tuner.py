@@ -13,7 +13,15 @@ boto3's `create_hyperparameter_tuning_job` takes) and:
    trainer process), named like SageMaker's `TUNINGNAME-NNN-HASH8`, in `WORKDIR/TUNINGNAME/`;
 4. reads each trial's objective from its FinalMetricDataList and returns (and saves as
    `WORKDIR/TUNINGNAME/describe.json`) a DescribeHyperParameterTuningJob-shaped dict plus `TrainingJobSummaries`,
-   shaped like ListTrainingJobsForHyperParameterTuningJob's.
+   shaped like ListTrainingJobsForHyperParameterTuningJob's. Each trial's own DescribeTrainingJob-shaped dict is
+   `WORKDIR/TUNINGNAME/TRIAL/describe.json`.
+
+A trial's objective value — what ranks it, what Optuna is told, `FinalHyperParameterTuningJobObjectiveMetric` and so
+`BestTrainingJob` — is that of the model the trial saved (`saved-model:<objective>`, which the trainer logs at the
+end: its best epoch), not its last epoch's: the best trial is the one whose model.tar.gz is best. (SageMaker ranks the
+built-in's trials by their final value; locally the saved model is what gets deployed.) An objective without a
+`saved-model:` counterpart (one already naming the saved model) is read as is. Early stopping still judges the
+per-epoch values as they stream.
 
 Ranges and ScalingType: Continuous → `suggest_float`, Integer → `suggest_int`, Categorical → `suggest_categorical`.
 Linear and Auto sample uniformly (SageMaker's Auto may pick log scale on its own; locally it stays linear, which is
@@ -27,7 +35,7 @@ the same idea with Optuna's definition (the trial's best value so far against th
 values at that epoch, so a little more lenient with a trial that dips once). Each
 trial's `Epoch[E] <objective>=V` log lines are reported to Optuna as they stream (`trial.report(V, E)`, through the
 runner's `on_line`), and when `trial.should_prune()` says so the trial's stop event is set: the runner SIGTERMs the
-trainer, which saves the best model so far; the trial ends `Stopped` with its last logged objective value
+trainer, which saves the best model so far; the trial ends `Stopped` with that saved model's objective value
 (ObjectiveStatus Succeeded, counted under TrainingJobStatusCounters.Stopped, as SageMaker reports early-stopped
 trials) and is told to Optuna as pruned. Pruner settings: `n_startup_trials=1` (a local tuning job has a handful of
 trials; waiting for Optuna's default 5 completed trials would stop nothing), `n_warmup_steps=1` (never judge on the
@@ -263,11 +271,12 @@ def _summary(
         if key in describe:
             summary[key] = describe[key]
     metric = objective["MetricName"]
-    if status in ("Completed", "Stopped") and metric in final:  # a stopped trial keeps its last value
+    value = final.get(f"saved-model:{metric}", final.get(metric))  # the saved model's (see the module docstring)
+    if status in ("Completed", "Stopped") and value is not None:  # a stopped trial saved its best epoch so far
         summary["FinalHyperParameterTuningJobObjectiveMetric"] = {
             "Type": objective["Type"],
             "MetricName": metric,
-            "Value": float(final[metric]),
+            "Value": float(value),
         }
         summary["ObjectiveStatus"] = "Succeeded"
     elif status in ("Completed", "Stopped"):
@@ -300,9 +309,12 @@ def run_tuning_job(
     workdir: Path,
     client: S3Client | None = None,
     mxnet_python: Path | None = None,
+    on_line: Callable[[str, str], None] | None = None,
 ) -> dict[str, Any]:
     """Run the CreateHyperParameterTuningJob `request` locally to the end; return a
     DescribeHyperParameterTuningJob-shaped dict with every trial's summary under `TrainingJobSummaries`.
+
+    `on_line(trial_name, line)` is called (from the trials' reader threads) with each line of each trial's log.
 
     Raises InputError for an invalid request; failed trials (and a tuning job whose trials all failed) are
     reported in the returned dict.
@@ -346,7 +358,12 @@ def run_tuning_job(
         stop = threading.Event()
         reported: set[int] = set()
 
-        def on_line(line: str) -> None:
+        def read_line(line: str) -> None:
+            if on_line is not None:
+                try:
+                    on_line(job, line)
+                except Exception:  # the caller's bug must not cost the trial its pruning
+                    log.exception("trial %s: on_line callback failed on %r", job, line)
             found = read_objective(line)
             if found is None or found[0] in reported or stop.is_set():
                 return
@@ -363,7 +380,7 @@ def run_tuning_job(
             workdir=trial_dir,
             client=client,
             mxnet_python=mxnet_python,
-            on_line=on_line,
+            on_line=read_line,
             stop=stop,
         )
         return _summary(name, describe, tuned, objective), stop.is_set()
