@@ -340,3 +340,119 @@ def test_header_scan_counts_records_and_reads_labels(algo_modules, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ic_data.DataError, match=r"channel 'validation': expected exactly one \.rec file .*found none"):
         ic_data.scan(tmp_path / "empty", "validation")
+
+
+# --- which epoch is saved: mAP, not accuracy, for a multi-label job -------------------------------------------------
+
+SPARSE_COLORS = COLORS[:4]
+SPARSE_PAD, SPARSE_SIZE, SPARSE_TRAIN, SPARSE_VAL = 60, 32, 96, 32  # 4 learnable labels + 60 never positive
+SPARSE_LABELS = len(SPARSE_COLORS) + SPARSE_PAD
+SPARSE_NAMES = [f"colour-{i}" for i in range(len(SPARSE_COLORS))] + [f"unused-{i}" for i in range(SPARSE_PAD)]
+EPOCH_VALUE = r"Epoch\[(\d+)\] Validation-{}=(\S+)"
+
+
+def _render_sparse(index: int) -> tuple[bytes, np.ndarray]:
+    """One coloured square on grey: one positive among 64 labels, so predicting nothing is 98.4% accurate."""
+    rng = np.random.default_rng(index)
+    img = Image.new("RGB", (SPARSE_SIZE, SPARSE_SIZE), (128, 128, 128))
+    color = int(rng.integers(len(SPARSE_COLORS)))
+    x, y = (int(v) for v in rng.integers(0, SPARSE_SIZE - 12, 2))
+    ImageDraw.Draw(img).rectangle((x, y, x + 11, y + 11), fill=SPARSE_COLORS[color])
+    labels = np.zeros(SPARSE_LABELS, np.float32)
+    labels[color] = 1
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=90)
+    return buf.getvalue(), labels
+
+
+@pytest.fixture(scope="module")
+def sparse_dataset(tmp_path_factory, s3_client) -> dict[str, object]:
+    """Train and validation folders as a tagflow dataset lays them out, the train one with a manifest.json (the
+    label names) beside train.rec, so a channel on the folder prefix stages it."""
+    root = tmp_path_factory.mktemp("sparse")
+    bucket = "t-local-training-sparse"
+    s3.ensure_bucket(s3_client, bucket)
+    for split, ids in (("train", range(SPARSE_TRAIN)), ("validation", range(SPARSE_TRAIN, SPARSE_TRAIN + SPARSE_VAL))):
+        folder = root / split
+        folder.mkdir()
+        with RecordWriter(folder / f"{split}.rec", folder / f"{split}.idx") as writer:
+            for i in ids:
+                writer.write_image(i, *reversed(_render_sparse(i)))
+        if split == "train":
+            (folder / "manifest.json").write_text(json.dumps({"label_names": SPARSE_NAMES}))
+        for path in folder.iterdir():
+            s3.put_file(s3_client, path, s3.S3Uri(bucket, f"sparse/{split}/{path.name}"))
+    return {
+        "bucket": bucket,
+        "train": f"s3://{bucket}/sparse/train/",
+        "validation": f"s3://{bucket}/sparse/validation/",
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.mxnet
+def test_a_multilabel_job_saves_its_best_map_epoch_where_accuracy_would_pick_another(
+    sparse_dataset, s3_client, mxnet_python, tmp_path
+):
+    """With 60 labels never positive, accuracy climbs towards the all-negative 0.984 as the outputs sink below 0.5
+    (to the last epoch, here), while mAP peaks when the ranking is best. Every run must save the first epoch of
+    highest mAP; and at least one of up to three must show accuracy picking another epoch (about 8 runs in 9 do at
+    these settings; the trainer shuffles with a time seed, as the built-in does, so one run cannot be fixed)."""
+    disagreed = []
+    for attempt in range(3):
+        request = training_job_request(
+            training_job_name("ic-sparse", f"map-{attempt}"),
+            image_uri="local/image-classification",
+            role_arn=ROLE,
+            train_uri=sparse_dataset["train"],
+            validation_uri=sparse_dataset["validation"],
+            output_uri=f"s3://{sparse_dataset['bucket']}/models",
+            hyperparameters={
+                "num_classes": SPARSE_LABELS, "num_training_samples": SPARSE_TRAIN, "multi_label": 1,
+                "image_shape": f"3,{SPARSE_SIZE},{SPARSE_SIZE}", "num_layers": 20, "epochs": 4,
+                "mini_batch_size": 16, "learning_rate": 0.002, "checkpoint_frequency": 2,
+            },
+            instance_type="ml.m5.large",
+            max_runtime_s=600,
+        )  # fmt: skip
+        describe = run_training_job(request, workdir=tmp_path, client=s3_client, mxnet_python=mxnet_python)
+        assert describe["TrainingJobStatus"] == "Completed", describe.get("FailureReason")
+        name = request["TrainingJobName"]
+        log = (tmp_path / name / "training.log").read_text()
+        accuracy = {int(e): float(v) for e, v in re.findall(EPOCH_VALUE.format("accuracy"), log)}
+        mean_ap = {int(e): float(v) for e, v in re.findall(EPOCH_VALUE.format("mAP"), log)}
+        assert sorted(accuracy) == sorted(mean_ap) == [0, 1, 2, 3]
+        by_map = max(mean_ap, key=lambda e: (mean_ap[e], -e))  # the first epoch of the highest mAP
+        by_accuracy = max(accuracy, key=lambda e: (accuracy[e], -e))
+
+        body = s3_client.get_object(Bucket=sparse_dataset["bucket"], Key=f"models/{name}/output/model.tar.gz")
+        with tarfile.open(fileobj=io.BytesIO(body["Body"].read())) as tar:
+            metrics = json.load(tar.extractfile("metrics.json"))
+            params = sorted(n for n in tar.getnames() if n.endswith(".params"))
+        assert metrics["selected_by"] == "validation:mAP"
+        assert metrics["best_epoch"] == by_map, (accuracy, mean_ap)
+        assert metrics["validation"]["mAP"] == pytest.approx(mean_ap[by_map], abs=1e-6)
+        assert f"Saved-model (epoch {by_map}) Validation-mAP=" in log
+
+        # One epoch mapping: the log's Epoch[E] is metrics.json's epoch E, whose weights are file E+1.
+        assert [h["epoch"] for h in metrics["history"]] == [0, 1, 2, 3]
+        assert metrics["params_file"] == f"image-classification-{by_map + 1:04d}.params"
+        # checkpoint_frequency=2 keeps epochs 1 and 3 (files 0002, 0004) beside the saved one, as the built-in.
+        expected = {"image-classification-0002.params": 1, "image-classification-0004.params": 3}
+        expected[metrics["params_file"]] = by_map
+        assert metrics["checkpoint_epochs"] == dict(sorted(expected.items()))
+        assert params == sorted(expected) == metrics["checkpoints"]
+        for file, epoch in expected.items():
+            assert file == f"image-classification-{epoch + 1:04d}.params"
+        assert 'Saved checkpoint to "' in log and log.count("Saved checkpoint to") == 2
+
+        final = {m["MetricName"]: m["Value"] for m in describe["FinalMetricDataList"]}
+        assert (final["epoch"], final["saved-model:epoch"]) == (3, by_map)
+        assert final["saved-model:validation:mAP"] == pytest.approx(mean_ap[by_map], abs=1e-6)
+        assert final["validation:mAP"] == pytest.approx(mean_ap[3], abs=1e-6)  # the plain name: the last epoch
+        # The manifest staged with the train channel gives the model its label names.
+        assert metrics["label_names"] == SPARSE_NAMES
+        if by_accuracy != by_map:
+            disagreed.append((attempt, by_accuracy, by_map))
+            break
+    assert disagreed, "accuracy and mAP picked the same epoch in 3 runs: the construction no longer separates them"

@@ -188,8 +188,12 @@ def test_tuning_runs_three_trials_and_picks_the_best(dataset, s3_client, mxnet_p
         "learning_rate": {"type": "Continuous", "min": 0.0001, "max": 0.5, "scaling": "Logarithmic"},
         "optimizer": ["sgd", "adam"],
     }
-    request = _request(dataset, "best", ranges=ranges, strategy="Bayesian", max_jobs=3, max_parallel=2, random_seed=3)
-    describe = run_tuning_job(request, workdir=tmp_path, client=s3_client, mxnet_python=mxnet_python)
+    request = _request(dataset, "best", ranges=ranges, strategy="Bayesian", max_jobs=3, max_parallel=2, random_seed=3,
+                       objective_metric="validation:mAP")  # fmt: skip
+    request["TrainingJobDefinition"]["StaticHyperParameters"]["epochs"] = "3"
+    streamed: dict[str, list[str]] = {}
+    describe = run_tuning_job(request, workdir=tmp_path, client=s3_client, mxnet_python=mxnet_python,
+                              on_line=lambda job, line: streamed.setdefault(job, []).append(line))  # fmt: skip
 
     summaries = describe.pop("TrainingJobSummaries")
     assert len(summaries) == 3
@@ -199,15 +203,22 @@ def test_tuning_runs_three_trials_and_picks_the_best(dataset, s3_client, mxnet_p
     values = [s["FinalHyperParameterTuningJobObjectiveMetric"]["Value"] for s in summaries]
     best = describe["BestTrainingJob"]
     assert best["FinalHyperParameterTuningJobObjectiveMetric"] == {
-        "Type": "Maximize", "MetricName": "validation:accuracy", "Value": max(values),
+        "Type": "Maximize", "MetricName": "validation:mAP", "Value": max(values),
     }  # fmt: skip
     assert best["TrainingJobName"] == summaries[values.index(max(values))]["TrainingJobName"]
 
-    # The objective is the trial's own FinalMetricDataList value, which is the trainer's logged validation accuracy.
+    # A trial's objective is the value of the model it saved (its best-mAP epoch, logged as Saved-model), not its
+    # last epoch's: the best trial is the one whose model.tar.gz is best.
     for summary in summaries:
         log = tmp_path / describe["HyperParameterTuningJobName"] / summary["TrainingJobName"] / "training.log"
-        logged = [float(v) for v in re.findall(r"Epoch\[\d+\] Validation-accuracy=(\S+)", log.read_text())]
-        assert summary["FinalHyperParameterTuningJobObjectiveMetric"]["Value"] == pytest.approx(logged[-1])
+        text = log.read_text()
+        assert streamed[summary["TrainingJobName"]] == text.splitlines()  # on_line saw every line of every trial
+        per_epoch = [float(v) for v in re.findall(r"Epoch\[\d+\] Validation-mAP=(\S+)", text)]
+        saved = re.findall(r"Saved-model \(epoch (\d+)\) Validation-mAP=(\S+)", text)
+        assert len(per_epoch) == 3 and len(saved) == 1
+        epoch, value = int(saved[0][0]), float(saved[0][1])
+        assert value == pytest.approx(max(per_epoch)) and per_epoch[epoch] == pytest.approx(value)
+        assert summary["FinalHyperParameterTuningJobObjectiveMetric"]["Value"] == pytest.approx(value)
         assert set(summary["TunedHyperParameters"]) == {"learning_rate", "optimizer"}
         key = f"models/{summary['TrainingJobName']}/output/model.tar.gz"
         assert s3_client.head_object(Bucket=dataset["bucket"], Key=key)["ContentLength"] > 0
@@ -253,14 +264,43 @@ def test_auto_early_stopping_stops_the_trial_below_the_median(dataset, s3_client
     assert len(values[first]) == 4
     # Stopped once the pruner judged epoch 1 below the first trial's value there (the stop lands asynchronously: on a
     # busy machine a short epoch more may finish first), before its 4 epochs end; the trainer saved the best model so
-    # far, and the objective is the last value it logged, as SageMaker reports a stopped trial.
+    # far (by mAP, a multi-label job), and the objective is that saved model's accuracy.
     assert 2 <= len(values[stopped]) < 4, values
     assert max(values[stopped]) < values[first][1]
     assert "Stop requested (SIGTERM)" in logs[stopped]
-    assert summaries[1]["FinalHyperParameterTuningJobObjectiveMetric"]["Value"] == pytest.approx(values[stopped][-1])
+    saved = [float(v) for v in re.findall(r"Saved-model \(epoch \d+\) Validation-accuracy=(\S+)", logs[stopped])]
+    assert len(saved) == 1 and saved[0] in values[stopped]
+    assert summaries[1]["FinalHyperParameterTuningJobObjectiveMetric"]["Value"] == pytest.approx(saved[0])
     key = f"models/{stopped}/output/model.tar.gz"
     assert s3_client.head_object(Bucket=dataset["bucket"], Key=key)["ContentLength"] > 0
     assert describe["BestTrainingJob"]["TrainingJobName"] == first
     out = SERVICE.operation_model("DescribeHyperParameterTuningJob").output_shape
     report = ParamValidator().validate({k: v for k, v in describe.items() if k != "TrainingJobSummaries"}, out)
     assert not report.has_errors(), report.generate_report()
+
+
+def test_a_trial_is_ranked_by_the_model_it_saved_not_its_last_epoch():
+    """Trial a's last epoch looks best, but the model it saved is worse than b's: b is the best trial. (The real
+    trainer logs both values; this pins the rule on the summary itself, where a last-epoch reading would rank a.)"""
+    from tagflow.local.tuner import _summary
+
+    objective = {"Type": "Maximize", "MetricName": "validation:mAP"}
+
+    def trial(name: str, last: float, saved: float) -> dict:
+        describe = {
+            "TrainingJobName": name, "TrainingJobArn": f"arn:{name}", "TrainingJobStatus": "Completed",
+            "CreationTime": "2026-01-01T00:00:00Z",
+            "FinalMetricDataList": [
+                {"MetricName": "validation:mAP", "Value": last},
+                {"MetricName": "saved-model:validation:mAP", "Value": saved},
+            ],
+        }  # fmt: skip
+        return _summary("t", describe, {}, objective)
+
+    a, b = trial("t-001", last=0.9, saved=0.5), trial("t-002", last=0.6, saved=0.7)
+    assert a["FinalHyperParameterTuningJobObjectiveMetric"]["Value"] == 0.5
+    assert b["FinalHyperParameterTuningJobObjectiveMetric"]["Value"] == 0.7
+    # An objective already naming the saved model, or a describe without saved-model values, is read as is.
+    c = _summary("t", {**a, "TrainingJobStatus": "Completed", "FinalMetricDataList": [
+        {"MetricName": "validation:mAP", "Value": 0.4}]}, {}, objective)  # fmt: skip
+    assert c["FinalHyperParameterTuningJobObjectiveMetric"]["Value"] == 0.4
