@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -132,8 +133,78 @@ def test_train_serve_predict_session(dataset, tmp_path):
         top = json.loads(predicted.stdout)["predictions"][0]["top"]
         assert len(top) == 3 and all(t["label"] in demo.LABEL_NAMES for t in top)
         assert top[0]["probability"] >= top[1]["probability"] >= top[2]["probability"]
+        # --dataset reads the names from the dataset's training/manifest.json: the same answer.
+        by_dataset = tagflow("predict", str(image), "--name", "cli-ep", "--top-k", "3", "--dataset", uri, "--json",
+                             env=env)  # fmt: skip
+        assert by_dataset.returncode == 0, by_dataset.stderr[-3000:]
+        answer = json.loads(by_dataset.stdout)
+        assert answer["predictions"][0]["top"] == top
+        assert answer["label_names_from"] == f"{uri}/training/manifest.json"
+        # The channel is the .rec file's prefix, so the model recorded no names: numbered ones, and said so.
+        plain = json.loads(tagflow("predict", str(image), "--name", "cli-ep", "--json", env=env).stdout)
+        assert plain["label_names_from"] == "numbered names"
+        assert all(t["label"].startswith("label_") for t in plain["predictions"][0]["top"])
+        both = tagflow("predict", str(image), "--name", "cli-ep", "--dataset", uri, "--labels", "x.txt", env=env)
+        assert both.returncode == 2 and "at most one of --labels and --dataset" in both.stderr
         assert tagflow("serve", "status", "--name", "cli-ep", env=env).returncode == 0
     finally:
         stopped = tagflow("serve", "stop", "--name", "cli-ep", env=env)
     assert stopped.stdout.strip() == "stopped"
     assert tagflow("serve", "status", "--name", "cli-ep", env=env).returncode == 1
+
+
+def test_train_leads_with_the_saved_model_and_prints_epochs_on_a_pipe(dataset, tmp_path):
+    """stderr is a pipe here (not a terminal): the epochs appear there as the job runs; the summary on stdout says
+    first what model.tar.gz holds (its epoch and values), then the last epoch's."""
+    uri, _ = dataset
+    done = tagflow(
+        "train", "--dataset", uri, "--job-name", "cli-train-saved", "--workdir", str(tmp_path),
+        "--hp", "epochs=2", "--hp", "num_layers=18", "--hp", "mini_batch_size=16",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    log = (tmp_path / "cli-train-saved" / "training.log").read_text()
+    saved = re.search(r"Saved-model \(epoch (\d+)\) Validation-mAP=(\S+)", log)
+    assert saved
+    lines = done.stdout.splitlines()
+    assert lines[0] == "cli-train-saved: Completed"
+    assert lines[1].startswith(f"  saved model (epoch {saved[1]}): validation:mAP = {float(saved[2]):.4f}, ")
+    last_map = float(re.findall(r"Epoch\[1\] Validation-mAP=(\S+)", log)[0])
+    assert lines[2].startswith(f"  last epoch (epoch 1): validation:mAP = {last_map:.4f}, ")
+    assert lines[3] == f"  model: {uri}/output/cli-train-saved/output/model.tar.gz"
+    progress = [line for line in done.stderr.splitlines() if line.startswith("cli-train-saved: ")]
+    shown = [line.removeprefix("cli-train-saved: ") for line in progress]
+    for expected in (
+        "Epoch[0] Validation-accuracy=",
+        "Epoch[0] Validation-mAP=",
+        "Epoch[1] Validation-mAP=",
+        "Storing the best model with validation mAP: ",
+        f"Saved-model (epoch {saved[1]}) Validation-mAP=",
+    ):
+        assert any(line.startswith(expected) for line in shown), (expected, done.stderr[-2000:])  # fmt: skip
+    first, second = (
+        next(i for i, line in enumerate(shown) if line.startswith(f"Epoch[{e}] Validation-mAP")) for e in (0, 1)
+    )
+    assert first < second  # as they happened
+    assert not any(line.startswith("[") for line in shown)  # the trainer's timestamps are cut
+
+
+def test_tune_ranks_by_the_saved_model_and_prints_each_trials_epochs(dataset, tmp_path):
+    uri, _ = dataset
+    ranges = tmp_path / "ranges.json"
+    ranges.write_text(json.dumps({"learning_rate": {"type": "Continuous", "min": 0.01, "max": 0.05}}))
+    done = tagflow(
+        "tune", "--dataset", uri, "--ranges", str(ranges), "--max-jobs", "1", "--strategy", "Random",
+        "--job-name", "cli-tune-saved", "--workdir", str(tmp_path / "jobs"),
+        "--hp", "epochs=2", "--hp", "num_layers=18", "--hp", "mini_batch_size=16",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert lines[0] == "cli-tune-saved: Completed (trials ranked by their saved model's validation:accuracy)"
+    (trial,) = (tmp_path / "jobs" / "cli-tune-saved").glob("cli-tune-saved-001-*")
+    log = (trial / "training.log").read_text()
+    saved = re.search(r"Saved-model \(epoch (\d+)\) Validation-accuracy=(\S+)", log)
+    last = float(re.findall(r"Epoch\[1\] Validation-accuracy=(\S+)", log)[0])
+    assert saved
+    assert f"saved model (epoch {saved[1]}) {float(saved[2]):.4f}, last epoch (epoch 1) {last:.4f}" in lines[1]
+    assert lines[-1] == f"best: {trial.name} (saved model's validation:accuracy {float(saved[2]):.4f})"
+    assert any(line.startswith(f"{trial.name}: Epoch[1] Validation-accuracy=") for line in done.stderr.splitlines())
