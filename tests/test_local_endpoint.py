@@ -187,6 +187,35 @@ def test_ping_metadata_and_idempotent_start(served, models, mxnet_python):
     assert endpoint.start(models[1], name="tiny", state_dir=state, mxnet_python=mxnet_python) == served
 
 
+def test_metadata_of_a_model_without_metrics_json_says_null_not_a_guess(models, tmp_path, mxnet_python):
+    """A SageMaker-trained model.tar.gz has no metrics.json: /metadata says null for what only that file knows (not
+    multi_label False, not an empty dict a gate could mistake for values), and the model still serves."""
+    from tagflow.deploy import local_serving_value
+
+    archive = tmp_path / "no-metrics.tar.gz"
+    with tarfile.open(models[0]) as src, tarfile.open(archive, "w:gz") as dst:
+        for member in src.getmembers():
+            if member.name != "metrics.json":
+                dst.addfile(member, src.extractfile(member))
+    with tarfile.open(archive) as tar:
+        assert "metrics.json" not in tar.getnames() and any(n.endswith(".params") for n in tar.getnames())
+    state = tmp_path / "endpoint"
+    info = endpoint.start(archive, name="no-metrics", state_dir=state, mxnet_python=mxnet_python)
+    try:
+        meta = endpoint.metadata(info)
+        assert meta is not None and meta["source"] == str(archive)
+        for unknown in ("multi_label", "saved_epoch", "selected_by", "label_names", "metrics"):
+            assert meta[unknown] is None, (unknown, meta[unknown])
+        assert meta["params_file_chosen_by"] == "highest-numbered"
+        assert re.fullmatch(r"image-classification-\d{4}\.params", meta["params_file"])
+        assert meta["num_classes"] == len(COLORS) and meta["image_shape"] == [3, 96, 96]  # read from the files
+        assert local_serving_value(meta, "validation:mAP") is None
+        status, probabilities = post(info.invocations_url, render(5)[0])
+        assert status == 200 and len(probabilities) == len(COLORS)
+    finally:
+        endpoint.stop(state)
+
+
 def test_bad_requests_get_4xx_and_the_server_keeps_serving(served):
     url = served.invocations_url
     image, _ = render(7)
