@@ -445,6 +445,10 @@ def test_train_run_uses_the_provider_operators_and_deploys_on_sagemaker(first_de
         "model_data_url": output,
         "metric": METRIC,
         "value": 0.62,
+        # SageMaker's built-in logs no saved-model line: the value is the last epoch's.
+        "value_of": "last epoch",
+        "saved_model": None,
+        "last_epoch": {"epoch": None, "metrics": {"validation:accuracy": 0.62, "train:accuracy": 0.7}},
     }
     assert (gate["deploy"], gate["serving_value"], gate["route"]) == (True, None, "sagemaker")
 
