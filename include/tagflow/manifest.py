@@ -3,7 +3,9 @@
 Written beside train.rec/val.rec and uploaded last. Training reads `counts.train` for `num_training_samples` and
 `num_labels` for `num_classes`, so those never come from a form or a notebook constant. `warnings` counts what the
 list holds that is valid but probably a mistake (`tagflow.listfile.list_warnings`): images without a label, labels
-no image carries, paths listed under several IDs; all zero for a clean list.
+no image carries, paths listed under several IDs; all zero for a clean list. `split` says how images were given
+their side: `by` `image_id` (a hash of the ID), `group_regex` (with `group_regex`) or `group_file` (with
+`group_file`'s name and sha256), the `train_ratio`, and with a group key how many groups went to each side.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import numpy as np
 from tagflow import __version__
 from tagflow.listfile import list_warnings
 from tagflow.recordio import read_index
+from tagflow.shards import SPLIT_BY_ID
 
 if TYPE_CHECKING:
     from tagflow.listfile import ListFile
@@ -59,23 +62,25 @@ def build(
     label_names: list[str],
     pack_params: PackParams,
     errors: list[dict[str, str]],
+    split: dict[str, Any] | None = None,
     list_name: str | None = None,
     list_sha256: str | None = None,
     revision: str | None = None,
 ) -> dict[str, Any]:
     """Describe the packed files in `out_dir` and write `out_dir/manifest.json`; returns the document.
 
-    `list_name`/`list_sha256` name the list file as the user gave it (default: `listfile`'s own).
+    `list_name`/`list_sha256` name the list file as the user gave it (default: `listfile`'s own). `split` is how
+    the sides were decided (`tagflow.shards.SplitPlan.record`; default: by image ID at the pack's train ratio).
     """
     row_of = {int(image_id): row for row, image_id in enumerate(listfile.ids)}
     counts: dict[str, int] = {}
     label_counts: dict[str, dict[str, int]] = {}
-    for split in ("train", "val"):
-        keys = list(read_index(out_dir / f"{split}.idx"))
-        counts[split] = len(keys)
+    for side in ("train", "val"):
+        keys = list(read_index(out_dir / f"{side}.idx"))
+        counts[side] = len(keys)
         rows = [row_of[int(k)] for k in keys]
         per_label = listfile.labels[rows].sum(axis=0) if rows else np.zeros(len(label_names), dtype=np.int64)
-        label_counts[split] = {name: int(c) for name, c in zip(label_names, per_label, strict=True)}
+        label_counts[side] = {name: int(c) for name, c in zip(label_names, per_label, strict=True)}
     doc = {
         "format_version": FORMAT_VERSION,
         "counts": {**counts, "skipped": len(errors), "listed": len(listfile)},
@@ -85,13 +90,14 @@ def build(
         "list_file": {"name": list_name or listfile.name, "sha256": list_sha256 or listfile.sha256},
         "warnings": list_warnings(listfile, label_names).counts(),
         "pack_params": pack_params.to_dict(),
+        "split": split or {"by": SPLIT_BY_ID, "train_ratio": pack_params.train_ratio},
         "files": {
-            split: {
-                "rec": f"{split}.rec",
-                "idx": f"{split}.idx",
-                "bytes": (out_dir / f"{split}.rec").stat().st_size,
+            side: {
+                "rec": f"{side}.rec",
+                "idx": f"{side}.idx",
+                "bytes": (out_dir / f"{side}.rec").stat().st_size,
             }
-            for split in ("train", "val")
+            for side in ("train", "val")
         },
         "skipped": errors,
         "code_revision": revision or code_revision(),

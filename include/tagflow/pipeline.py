@@ -26,6 +26,7 @@ and applies the bad-object threshold over the whole list before anything is uplo
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -43,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from tagflow import manifest, s3
-from tagflow.errors import InputError, check_bad_fraction, describe_os_error, quote
+from tagflow.errors import InputError, TagflowError, check_bad_fraction, describe_os_error, quote
 from tagflow.listfile import (
     ListFile,
     concat_lists,
@@ -57,7 +58,17 @@ from tagflow.names import check_dataset_uri
 from tagflow.pack import PackParams, pack
 from tagflow.paths import local_path, source_uri
 from tagflow.recordio import merge_records
-from tagflow.shards import Shard, ShardPlan, plan_shards
+from tagflow.shards import (
+    GroupFile,
+    Shard,
+    ShardPlan,
+    SplitPlan,
+    compile_group_regex,
+    group_keys,
+    parse_group_file,
+    plan_shards,
+    plan_split,
+)
 
 log = logging.getLogger(__name__)
 
@@ -84,11 +95,22 @@ class DatasetSpec:
     download_workers: int = 32
     pack_workers: int | None = None
     list_until: str | None = None  # ISO time; with a partitioned list_uri, partitions dated before it are read
+    # A group key for the split (at most one): every image of a group lands on one side (tagflow.shards).
+    split_group_regex: str | None = None  # over the list path: its first capture group, else its whole match
+    split_group_file: str | None = None  # a file or s3:// object of ID<TAB>GROUP lines
 
     def __post_init__(self) -> None:
         check_dataset_uri(self.dataset_uri, "dataset")  # where it enters: before any S3 request
         if self.staging_uri:
             check_dataset_uri(self.staging_uri, "staging")
+        if self.split_group_regex is not None and self.split_group_file is not None:
+            raise InputError("a split group regex and a split group file were both given; choose one")
+        if self.split_group_regex is not None:
+            compile_group_regex(self.split_group_regex)
+
+    @property
+    def grouped(self) -> bool:
+        return self.split_group_regex is not None or self.split_group_file is not None
 
     @property
     def staging(self) -> s3.S3Uri:
@@ -171,21 +193,43 @@ def _exists(client, uri: s3.S3Uri) -> bool:
     return s3.object_sha256(client, uri) is not None
 
 
+def load_groups(spec: DatasetSpec, client=None) -> GroupFile | None:
+    """The spec's group file, parsed; None without one."""
+    if spec.split_group_file is None:
+        return None
+    data, name = read_location(spec.split_group_file, client)
+    return parse_group_file(data, name)
+
+
+def split_plan(spec: DatasetSpec, listfile: ListFile, groups: GroupFile | None = None) -> SplitPlan:
+    """Every row's side under the spec's split settings (by image ID, or by the group regex or file)."""
+    return plan_split(listfile, spec.pack.train_ratio, regex=spec.split_group_regex, groups=groups)
+
+
 def prepare(spec: DatasetSpec, client=None) -> PlanRef:
     """Validate the list file, look up source sizes and ETags, plan shards, and stage the plan.
 
-    Fails on a bad list before anything is downloaded. The source prefix is listed once here (one request per
-    1,000 objects); each shard's sizes and ETags are staged beside the plan, so download tasks need no listing.
+    Fails on a bad list (a row without a group under a group key included) before anything is downloaded. The
+    source prefix is listed once here (one request per 1,000 objects); each shard's sizes and ETags are staged
+    beside the plan, so download tasks need no listing. With a group key each shard's sides are staged too
+    (`NNNNN.sides`, one `t`/`v` per row), decided here once for the whole list.
     """
     client = client or s3.make_client()
-    listfile = read_list(spec, client).sorted_by_id()
+    groups = load_groups(spec, client)
+    listfile = read_list(spec, client, groups=groups).sorted_by_id()
+    split = split_plan(spec, listfile, groups)
     # A bad names file fails here, before any download; valid but suspicious lists are said in the task's log.
     list_warnings(listfile, load_label_names(spec.labels_uri, spec.num_labels, client)).log()
     for bucket in {spec.staging.bucket, s3.S3Uri.parse(spec.dataset_uri).bucket}:
         s3.require_bucket(client, bucket)
     known = _source_objects(client, listfile, spec.source)
     plan = plan_shards(listfile, spec.shard_size, etags={path: etag for path, (_, etag) in known.items()})
-    plan_id = _digest(listfile.sha256, json.dumps(plan.to_dict(), sort_keys=True))
+    # The split's settings enter the plan's identity only with a group key, so ungrouped plans keep their IDs.
+    plan_id = _digest(
+        listfile.sha256,
+        json.dumps(plan.to_dict(), sort_keys=True),
+        *([json.dumps(split.record, sort_keys=True)] if spec.grouped else []),
+    )
     base = spec.staging.join("plans", plan_id)
     with tempfile.TemporaryDirectory() as tmp:
         lst = Path(tmp) / "list.lst"
@@ -200,10 +244,12 @@ def prepare(spec: DatasetSpec, client=None) -> PlanRef:
             s3.put_file(client, Path(tmp) / "shard.lst", _shard_uri(base, shard.index, "lst"))
         objects = {path: known[path] for path in rows.paths if path in known}
         _put_bytes(client, _shard_uri(base, shard.index, "json"), json.dumps(objects, sort_keys=True).encode())
+        if spec.grouped:
+            _put_bytes(client, _shard_uri(base, shard.index, "sides"), split.sides(shard.start, shard.stop).encode())
 
     with ThreadPoolExecutor(16) as pool:
         list(pool.map(stage_shard, plan.shards))
-    doc = {"spec": spec.to_dict(), "list_sha256": listfile.sha256, "plan": plan.to_dict()}
+    doc = {"spec": spec.to_dict(), "list_sha256": listfile.sha256, "plan": plan.to_dict(), "split": split.record}
     _put_bytes(client, base.join("plan.json"), json.dumps(doc, indent=1, sort_keys=True).encode())
     log.info("planned %d images in %d shards (shard size %d)", len(listfile), len(plan.shards), plan.shard_size)
     return PlanRef(
@@ -236,8 +282,12 @@ def list_partitions(client, prefix: s3.S3Uri, until: datetime | None) -> list[tu
     return found
 
 
-def read_list(spec: DatasetSpec, client=None) -> ListFile:
-    """The run's list: one file, or every partition below a prefix ending in `/` up to `spec.list_until`."""
+def read_list(spec: DatasetSpec, client=None, *, groups: GroupFile | None = None) -> ListFile:
+    """The run's list: one file, or every partition below a prefix ending in `/` up to `spec.list_until`.
+
+    With a group key (the spec's regex, or `groups`) each partition's rows are checked for a group here, where
+    their lines are known, so a row without one is named by partition and line.
+    """
     client = client or s3.make_client()
     if not spec.list_uri.endswith("/"):
         raw, name = read_location(spec.list_uri, client)
@@ -251,6 +301,8 @@ def read_list(spec: DatasetSpec, client=None) -> ListFile:
     for _, uri in partitions:
         raw, name = read_location(str(uri), client)
         parts.append(parse_list(raw, spec.num_labels, name=name))
+        if spec.split_group_regex is not None or groups is not None:
+            group_keys(parts[-1], regex=spec.split_group_regex, groups=groups)
     log.info("list %s: %d partition(s), %s to %s", spec.list_uri, len(parts), partitions[0][0], partitions[-1][0])
     return concat_lists(parts, name=spec.list_uri)
 
@@ -297,8 +349,10 @@ def download_uri(spec: DatasetSpec, digest: str) -> s3.S3Uri:
     return spec.staging.join("downloads", f"{digest}.tar")
 
 
-def packed_uri(spec: DatasetSpec, labels_digest: str) -> s3.S3Uri:
-    return spec.staging.join("packed", f"{labels_digest}-{spec.pack.digest()}-v{STAGE_FORMAT}.tar")
+def packed_uri(spec: DatasetSpec, labels_digest: str, sides: str | None = None) -> s3.S3Uri:
+    """Where a shard's packed parts are staged; a grouped split's sides (`t`/`v` per row) are part of the key."""
+    grouped = f"-g{_digest(sides)}" if sides is not None else ""
+    return spec.staging.join("packed", f"{labels_digest}-{spec.pack.digest()}{grouped}-v{STAGE_FORMAT}.tar")
 
 
 def download_shard(spec: DatasetSpec, ref: PlanRef, index: int, client=None) -> dict[str, Any]:
@@ -343,7 +397,8 @@ def pack_shard(spec: DatasetSpec, ref: PlanRef, index: int, client=None) -> dict
     """Pack one staged shard into train/val RecordIO parts and stage them as one tar; reuse if already staged."""
     client = client or s3.make_client()
     rows_file, shard, _ = _load_shard(client, ref, spec, index)
-    target = packed_uri(spec, shard.labels_digest)
+    sides = _load_sides(client, ref, index, len(rows_file)) if spec.grouped else None
+    target = packed_uri(spec, shard.labels_digest, sides)
     if _exists(client, target):
         log.info("shard %d already packed at %s", index, target)
         return {"index": index, "staged": str(target), "reused": True}
@@ -360,7 +415,11 @@ def pack_shard(spec: DatasetSpec, ref: PlanRef, index: int, client=None) -> dict
         files = {i: local_path(root, rows_file.paths[i]) for i in rows}
         items = [(int(rows_file.ids[i]), rows_file.labels[i], files[i]) for i in rows]
         out = Path(tmp) / "packed"
-        report = pack(items, out, spec.pack, workers=spec.pack_workers).to_dict()
+        if sides is None:
+            report = pack(items, out, spec.pack, workers=spec.pack_workers).to_dict()
+        else:
+            train = {int(rows_file.ids[i]) for i in range(len(rows_file)) if sides[i] == "t"}
+            report = _pack_sides(items, train, out, spec)
         list_path = {str(files[i]): rows_file.paths[i] for i in rows}
         for err in report["errors"]:  # name the image as the list does, not by its temporary file
             err["path"] = list_path.get(err["path"], err["path"])
@@ -371,6 +430,42 @@ def pack_shard(spec: DatasetSpec, ref: PlanRef, index: int, client=None) -> dict
         s3.put_file(client, packed, target)
     log.info("shard %d packed: %s", index, report["counts"])
     return {"index": index, "staged": str(target), "reused": False, "counts": report["counts"]}
+
+
+def _load_sides(client, ref: PlanRef, index: int, rows: int) -> str:
+    """A shard's staged sides under a grouped split, one `t`/`v` per row of the shard."""
+    base = s3.S3Uri.parse(ref.plan_uri.rsplit("/", 1)[0])
+    raw, name = read_location(str(_shard_uri(base, index, "sides")), client)
+    sides = raw.decode("ascii", "replace")
+    if len(sides) != rows or set(sides) - {"t", "v"}:
+        raise InputError(f"{name}: expected {rows} characters t or v (one per row of shard {index})")
+    return sides
+
+
+def _pack_sides(items: list, train_ids: set[int], out: Path, spec: DatasetSpec) -> dict[str, Any]:
+    """Pack with the sides decided by the group split: each side's images packed with a ratio that puts them all
+    on that side (1.0: every hash is below it; 0.0: none is), then the two halves put together as one pack's files."""
+    halves = {}
+    for split, ratio in (("train", 1.0), ("val", 0.0)):
+        chosen = [item for item in items if (item[0] in train_ids) == (split == "train")]
+        params = dataclasses.replace(spec.pack, train_ratio=ratio)
+        halves[split] = pack(chosen, out / f".{split}", params, workers=spec.pack_workers).to_dict()
+        other = "val" if split == "train" else "train"
+        if halves[split]["counts"][other]:  # a hash within 2**-53 of 1.0 rounds to it: never seen, but be sure
+            raise TagflowError(f"packing the {split} side of a grouped split put an image on the {other} side")
+    for split in SPLITS:
+        for ext in ("rec", "idx"):
+            (out / f".{split}" / f"{split}.{ext}").replace(out / f"{split}.{ext}")
+    train, val = halves["train"], halves["val"]
+    return {
+        **train,
+        "out_dir": str(out),
+        "params": spec.pack.to_dict(),
+        "counts": {"train": train["counts"]["train"], "val": val["counts"]["val"]},
+        "label_counts": {split: halves[split]["label_counts"][split] or [0] * spec.num_labels for split in SPLITS},
+        "errors": sorted(train["errors"] + val["errors"], key=lambda e: e["image_id"]),
+        "seconds": round(train["seconds"] + val["seconds"], 3),
+    }
 
 
 def _write_tar(path: Path, root: Path, files: list[Path], extra: dict[str, Any]) -> None:
@@ -415,7 +510,8 @@ def publish(spec: DatasetSpec, ref: PlanRef, client=None, *, code_revision: str 
         parts: dict[str, list[tuple[Path, Path]]] = {split: [] for split in SPLITS}
         for shard in plan.shards:
             packed = work / f"p{shard.index}.tar"
-            s3.get_file(client, packed_uri(spec, shard.labels_digest), packed)
+            sides = _load_sides(client, ref, shard.index, shard.size) if spec.grouped else None
+            s3.get_file(client, packed_uri(spec, shard.labels_digest, sides), packed)
             shard_dir = work / f"s{shard.index}"
             with tarfile.open(packed) as tar:
                 tar.extractall(shard_dir, filter="data")
@@ -436,6 +532,7 @@ def publish(spec: DatasetSpec, ref: PlanRef, client=None, *, code_revision: str 
             listfile=listfile,
             label_names=load_label_names(spec.labels_uri, spec.num_labels, client),
             pack_params=spec.pack,
+            split=plan_doc.get("split"),
             errors=errors,
             list_name=spec.list_uri,
             list_sha256=plan_doc["list_sha256"],

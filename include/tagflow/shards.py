@@ -35,12 +35,13 @@ import bisect
 import hashlib
 import logging
 import math
+import re
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from tagflow.errors import InputError
+from tagflow.errors import QUOTE_LIMIT, InputError, ListFileError, quote
 
 if TYPE_CHECKING:
     from collections.abc import Iterator, Mapping
@@ -181,3 +182,143 @@ def plan_shards(
         start = stop
     lo, hi = size_bounds(size)
     return ShardPlan(tuple(shards), size, shard_size, lo, hi, n)
+
+
+# --- the train/validation split ----------------------------------------------------------------------------------
+#
+# Each image's side comes from a 64-bit blake2b hash of its split key: `hash / 2**64 < train_ratio` is train. The key
+# is the image ID (as decimal text) unless a group key is given, then the group: every image of a group lands on the
+# group's side, and since the side depends on the key alone, neither an image nor a group ever changes side when the
+# dataset grows. Without a group key the sides are exactly those of `tagflow.pack.split_of`.
+
+SPLIT_BY_ID = "image_id"
+SPLIT_BY_REGEX = "group_regex"
+SPLIT_BY_FILE = "group_file"
+
+
+def side_of_key(key: str, train_ratio: float) -> str:
+    """'train' or 'val' from a hash of `key` alone; with key = str(image ID), `tagflow.pack.split_of` exactly."""
+    digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
+    return "train" if int.from_bytes(digest, "big") / 2**64 < train_ratio else "val"
+
+
+def show_regex(pattern: str) -> str:
+    """A regex as typed, in quotes (backslashes not doubled, so it can be copied back); `quote` when unprintable."""
+    return f"'{pattern}'" if pattern.isprintable() and len(pattern) <= QUOTE_LIMIT else quote(pattern)
+
+
+def compile_group_regex(pattern: str) -> re.Pattern[str]:
+    """The group regex, compiled; InputError naming it when it does not compile."""
+    try:
+        return re.compile(pattern)
+    except re.error as err:
+        raise InputError(f"group regex {show_regex(pattern)}: not a valid regular expression ({err})") from None
+
+
+def _row(lf: ListFile, row: int) -> str:
+    """Where a row is, as list errors say it: `LIST:LINE`, or `LIST: ID n` when the rows come from several files."""
+    if lf.lines is not None:
+        return f"{lf.name}:{int(lf.lines[row])}"
+    return f"{lf.name}: ID {int(lf.ids[row])}"
+
+
+def group_keys(lf: ListFile, *, regex: str | None = None, groups: GroupFile | None = None) -> list[str]:
+    """Each row's split key: its group (the regex's first capture group over the path, else its whole match; or the
+    group file's entry for the ID), or the ID itself without either. A row without a group is refused, naming its
+    line and the regex or file: an image silently made its own group would be exactly the leak a group key prevents.
+    """
+    if regex is not None and groups is not None:
+        raise InputError("a group regex and a group file were both given; choose one")
+    if regex is None and groups is None:
+        return [str(i) for i in lf.ids.tolist()]
+    keys: list[str] = []
+    problems: list[str] = []
+    if regex is not None:
+        compiled = compile_group_regex(regex)
+        take = 1 if compiled.groups else 0
+        for row, path in enumerate(lf.paths):
+            match = compiled.search(path)
+            key = match.group(take) if match else None
+            if not key:
+                what = "does not match" if match is None else "matches with an empty group for"
+                problems.append(f"{_row(lf, row)}: path {quote(path)} {what} the group regex {show_regex(regex)}")
+            keys.append(key or "")
+    else:
+        assert groups is not None
+        for row, image_id in enumerate(lf.ids.tolist()):
+            key = groups.groups.get(image_id)
+            if key is None:
+                problems.append(f"{_row(lf, row)}: ID {image_id} has no group in the group file {groups.name}")
+            keys.append(key or "")
+    if problems:
+        raise ListFileError(problems)
+    return keys
+
+
+@dataclass(frozen=True)
+class GroupFile:
+    """A group file: image ID → group, one `ID<TAB>GROUP` per line (IDs absent from the list are allowed)."""
+
+    name: str
+    sha256: str
+    groups: dict[int, str]
+
+
+def parse_group_file(data: bytes, name: str) -> GroupFile:
+    """Parse a group file (`ID`, a tab, the group; UTF-8); ListFileError naming every bad line."""
+    problems: list[str] = []
+    groups: dict[int, str] = {}
+    first_line: dict[int, int] = {}
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise InputError(f"{name}: not UTF-8 text (byte {err.start}); expected ID<TAB>GROUP lines") from None
+    for number, line in enumerate(text.split("\n"), 1):
+        line = line.removesuffix("\r")
+        if not line:
+            continue
+        image_id, tab, group = line.partition("\t")
+        if not tab or not group.strip():
+            problems.append(f"{name}:{number}: {quote(line)}: expected ID<TAB>GROUP")
+            continue
+        if not image_id.isascii() or not image_id.isdigit():
+            problems.append(f"{name}:{number}: ID {quote(image_id)}: expected a whole number ≥ 0")
+            continue
+        key = int(image_id)
+        if key in groups:
+            problems.append(f"{name}:{number}: ID {key} already has a group on line {first_line[key]}")
+            continue
+        groups[key], first_line[key] = group.strip(), number
+    if problems:
+        raise ListFileError(problems)
+    return GroupFile(name, hashlib.sha256(data).hexdigest(), groups)
+
+
+@dataclass(frozen=True)
+class SplitPlan:
+    """The side of every row of one list (in its row order) and how it was decided."""
+
+    train: np.ndarray  # bool, True = training/
+    record: dict[str, Any]  # what the manifest records: method, ratio, the group key, group counts
+
+    def sides(self, start: int = 0, stop: int | None = None) -> str:
+        """Rows [start, stop) as one character each, `t` or `v` (how a shard's sides are staged)."""
+        return "".join("t" if t else "v" for t in self.train[start:stop].tolist())
+
+
+def plan_split(
+    lf: ListFile, train_ratio: float, *, regex: str | None = None, groups: GroupFile | None = None
+) -> SplitPlan:
+    """Decide every row's side: by image ID, or with a group key by group (see `group_keys`)."""
+    keys = group_keys(lf, regex=regex, groups=groups)
+    side_of = {key: side_of_key(key, train_ratio) == "train" for key in dict.fromkeys(keys)}
+    train = np.fromiter(map(side_of.__getitem__, keys), bool, len(keys))
+    record: dict[str, Any] = {"by": SPLIT_BY_ID, "train_ratio": train_ratio}
+    if regex is not None:
+        record.update(by=SPLIT_BY_REGEX, group_regex=regex)
+    elif groups is not None:
+        record.update(by=SPLIT_BY_FILE, group_file={"name": groups.name, "sha256": groups.sha256})
+    if regex is not None or groups is not None:
+        in_train = sum(side_of.values())
+        record["groups"] = {"train": in_train, "val": len(side_of) - in_train}
+    return SplitPlan(train, record)
