@@ -4,7 +4,8 @@
 One run: **resolve the form** → **prepare** (parse and validate the list file, plan shards) → per shard
 **download** and **pack** (mapped, any worker) → **publish** `PREFIX/training/train.rec`,
 `PREFIX/validation/val.rec` and the manifest → **train** or **tune** (local algorithm environment, or SageMaker's
-built-in image-classification algorithm) → **evaluate gate** → **deploy** → **smoke test** the endpoint.
+built-in image-classification algorithm) → **evaluate gate** (score the new and the serving model on the current
+validation split, write the evaluation and its report, decide) → **deploy** → **smoke test** the endpoint.
 
 - Trigger it with the form (**Trigger DAG**): pick a preset (`50-label-rs96`, `ic-multi-label`) and override any
   field; empty Dataset fields take the preset's values. `num_classes` and `num_training_samples` always come from
@@ -14,9 +15,13 @@ built-in image-classification algorithm) → **evaluate gate** → **deploy** �
   trains on what existed each day; shards already downloaded and packed are reused, so a run pays only for new
   images.
 - Tasks hand each other S3 keys, never data: any worker can run any task.
-- The gate deploys only a model whose objective reaches `metric_gate` and is not worse than the serving model's.
-- Assets: `tagflow-dataset` (each publish) and `tagflow-model` (each trained model, with its metric and the
-  gate's decision in the event's extra).
+- The gate deploys only a model whose macro mAP (`gate_metric`) is at least `gate_lift` × the label-frequency
+  baseline's and `gate_threshold`, and not worse than the serving model's on the same images (`gate_tolerance`).
+  Its decision and reason are the run's note.
+- A scheduled or backfill run whose dataset and training settings equal the serving model's stops after publish
+  ("nothing new since MODEL"); `force_training` trains anyway, and a manual run always trains.
+- Assets: `tagflow-dataset` (each publish) and `tagflow-model` (each evaluated model: the gate's decision, mAP,
+  baseline, the serving model's mAP and the model's lineage in the event's extra).
 """
 
 from __future__ import annotations
@@ -29,8 +34,9 @@ from airflow.sdk import DAG, Asset, CronDataIntervalTimetable, Param, TriggerRul
 from tagflow.runconfig import PARAMS
 from tagflow_ops.operators import (
     ChooseBranchOperator,
-    DeployGateOperator,
+    ChooseTrainingOperator,
     DownloadShardOperator,
+    EvaluateGateOperator,
     LocalDeployOperator,
     LocalTrainingOperator,
     LocalTuningOperator,
@@ -88,10 +94,9 @@ with DAG(
     shards = shard.expand(index=prepare.output)
     publish = PublishDatasetOperator(task_id="publish", config=CONFIG, plan=prepare.output["plan"], outlets=[DATASET])
 
-    choose_training = ChooseBranchOperator(
+    choose_training = ChooseTrainingOperator(
         task_id="choose_training",
-        key="{{ ti.xcom_pull(task_ids='resolve_config')['backend'] }}/"
-        "{{ ti.xcom_pull(task_ids='resolve_config')['mode'] }}",
+        config=CONFIG,
         branches={
             "local/train": "local_train",
             "local/tune": "local_tune",
@@ -113,10 +118,11 @@ with DAG(
         check_interval=int(TUNING_TIMEOUT.total_seconds()) // TRIGGER_POLLS,  # its trigger polls at most 480 times
     )  # fmt: skip
 
-    gate = DeployGateOperator(
+    gate = EvaluateGateOperator(
         task_id="evaluate_gate",
         config=CONFIG,
         candidates=TRAINING_TASKS,
+        training="choose_training",
         trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS,
         outlets=[MODEL],
     )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 
 from tagflow import jobs, runconfig
@@ -166,3 +168,64 @@ def test_the_forms_pixel_limit_reaches_the_packer():
 
     assert jobs.dataset_spec(runconfig.resolve({})).pack.max_pixels == PackParams().max_pixels
     assert jobs.dataset_spec(runconfig.resolve({"max_pixels": 1_000_000})).pack.max_pixels == 1_000_000
+
+
+def _published(s3_client, bucket: str, train: bytes, val: bytes, names: list[str]) -> tuple[str, dict]:
+    """Record files as publish leaves them (s3.put_file records each one's sha256) and their manifest."""
+    import tempfile
+    from pathlib import Path
+
+    from tagflow import s3
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for split, folder, body in (("train", "training", train), ("val", "validation", val)):
+            path = Path(tmp) / f"{split}.rec"
+            path.write_bytes(body)
+            s3.put_file(s3_client, path, s3.S3Uri(bucket, f"ds/{folder}/{split}.rec"))
+    return f"s3://{bucket}/ds", {"num_labels": len(names), "label_names": names, "counts": {"train": 9, "val": 1}}
+
+
+def test_the_dataset_digest_changes_with_any_record_or_label_name_and_not_with_a_republish(s3_client, bucket):
+    uri, manifest = _published(s3_client, bucket, b"train-1", b"val-1", ["a", "b"])
+    first = jobs.dataset_digest(uri, manifest, s3_client)
+    assert first["records"]["train"] == hashlib.sha256(b"train-1").hexdigest()
+    _published(s3_client, bucket, b"train-1", b"val-1", ["a", "b"])
+    assert jobs.dataset_digest(uri, manifest, s3_client)["digest"] == first["digest"]
+    renamed = {**manifest, "label_names": ["a", "c"]}
+    assert jobs.dataset_digest(uri, renamed, s3_client)["digest"] != first["digest"]
+    _published(s3_client, bucket, b"train-1", b"val-2", ["a", "b"])
+    assert jobs.dataset_digest(uri, manifest, s3_client)["digest"] != first["digest"]
+
+
+def test_lineage_lives_beside_the_model_and_a_scheduled_run_with_nothing_new_does_not_train(s3_client, bucket):
+    uri, manifest = _published(s3_client, bucket, b"t", b"v", ["a", "b"])
+    cfg = runconfig.resolve({"bucket": bucket, "dataset_prefix": "ds"})
+    current = jobs.lineage(cfg, jobs.dataset_digest(uri, manifest, s3_client))
+    model = f"{uri}/output/tagflow-job-1/output/model.tar.gz"
+    assert str(jobs.lineage_uri(model)) == f"{uri}/output/tagflow-job-1/lineage.json"
+    assert jobs.lineage_uri("/tmp/model.tar.gz") is None
+    assert jobs.read_lineage(model, s3_client) is None  # not written yet: nothing is known unchanged
+    assert jobs.write_lineage(current, model, s3_client) == f"{uri}/output/tagflow-job-1/lineage.json"
+    serving = jobs.read_lineage(model, s3_client)
+    assert serving["model"] == model and serving["dataset"]["digest"] == current["dataset"]["digest"]
+
+    def decide(run_type: str, now=current, force=False, model=model, serving=serving):
+        return jobs.training_decision(run_type, force=force, current=now, serving_model=model, serving=serving)
+
+    for run_type in ("scheduled", "backfill"):
+        decision = decide(run_type)
+        assert decision["train"] is False and decision["reason"].startswith(f"nothing new since {model}")
+    assert decide("manual")["train"] is True
+    assert decide("scheduled", force=True) == {"train": True, "reason": "force_training is on"}
+    assert decide("scheduled", model=None, serving=None)["reason"] == "no model is serving"
+    assert "has no recorded lineage" in decide("scheduled", serving=None)["reason"]
+    more_epochs = jobs.lineage(
+        runconfig.resolve({"hyperparameters": {**runconfig.DEFAULT_HYPERPARAMETERS, "epochs": 11}}),
+        current["dataset"],
+    )
+    changed = decide("scheduled", now=more_epochs)
+    assert changed["train"] is True and "hyperparameters.epochs: 10 → 11" in changed["reason"]
+    _published(s3_client, bucket, b"t2", b"v", ["a", "b"])
+    grown = jobs.lineage(cfg, jobs.dataset_digest(uri, manifest, s3_client))
+    assert decide("scheduled", now=grown)["train"] is True
+    assert "the dataset changed" in decide("scheduled", now=grown)["reason"]

@@ -53,7 +53,12 @@ def test_every_default_satisfies_its_own_schema_and_every_field_is_documented():
         ("dataset_prefix", ".."),
         ("dataset_prefix", "./x"),
         ("dataset_prefix", "a//b"),
-        ("metric_gate", 1.5),
+        ("gate_metric", "validation:accuracy"),
+        ("gate_lift", -1),
+        ("gate_threshold", 1.5),
+        ("gate_tolerance", -0.1),
+        ("force_training", "yes"),
+        ("objective_metric", "mAP"),
     ],
 )
 def test_the_form_refuses_bad_values(name, value):
@@ -78,7 +83,8 @@ def test_the_cutoff_travels_with_the_config():
 @pytest.mark.parametrize(
     ("params", "message"),
     [
-        ({"preset": "custom"}, "preset custom: set list_uri, dataset_prefix, num_labels, resize"),
+        ({"preset": "custom"}, "preset custom: set list_uri, dataset_prefix, num_labels, resize, endpoint_name"),
+        ({"metric_gate": 0.5}, "metric_gate: renamed gate_threshold"),
         ({"hyperparameters": {"num_classes": 50}}, "hyperparameters: num_classes come from the packed data"),
         ({"mode": "tune", "tuning_ranges": {}}, "tuning_ranges: mode is tune but no range is given"),
         ({"mode": "tune", "max_jobs": 2, "max_parallel_jobs": 3}, "max_parallel_jobs: 3 is more than max_jobs (2)"),
@@ -107,3 +113,29 @@ def test_manual_runs_read_up_to_now_and_scheduled_runs_up_to_their_interval_end(
 def test_the_form_accepts_dotted_names_that_are_not_dot_segments(prefix):
     assert _valid("dataset_prefix", prefix)
     assert runconfig.resolve({"dataset_prefix": prefix}).dataset_prefix == prefix
+
+
+def test_the_presets_deploy_to_endpoints_of_their_own_and_a_custom_run_names_its_own():
+    assert runconfig.resolve({}).endpoint_name == "tagflow-designs-50"
+    assert runconfig.resolve({"preset": "ic-multi-label"}).endpoint_name == "tagflow-designs-334"
+    assert runconfig.resolve({"endpoint_name": "mine"}).endpoint_name == "mine"
+    custom = {"preset": "custom", "list_uri": "s3://b/l.lst", "dataset_prefix": "p", "num_labels": 3, "resize": 32}
+    assert runconfig.resolve({**custom, "endpoint_name": "tagflow-p"}).endpoint_name == "tagflow-p"
+
+
+def test_the_gate_defaults_to_mAP_with_the_deploy_modules_constants_and_the_objective_follows_the_backend():
+    from tagflow import deploy
+
+    cfg = runconfig.resolve({})
+    assert (cfg.gate_metric, cfg.gate_lift, cfg.gate_threshold, cfg.gate_tolerance) == (
+        "mAP",
+        deploy.DEFAULT_LIFT,
+        deploy.DEFAULT_THRESHOLD,
+        deploy.DEFAULT_TOLERANCE,
+    )
+    assert runconfig.PARAMS["gate_metric"]["enum"] == ["mAP", "accuracy"]
+    assert cfg.force_training is False
+    assert cfg.objective_metric == "validation:mAP"
+    assert runconfig.resolve({"backend": "sagemaker"}).objective_metric == "validation:accuracy"
+    assert runconfig.resolve({"objective_metric": "validation:accuracy"}).objective_metric == "validation:accuracy"
+    assert "metric_gate" not in runconfig.PARAMS

@@ -1,10 +1,12 @@
 """Deciding whether a new model replaces the serving one, the SageMaker endpoint requests that do it, and the
 smoke test that proves the endpoint answers afterwards.
 
-The gate deploys only a model whose objective metric reaches the run's threshold and is not worse than the
-model being served. The serving model's value is read where each backend keeps it: the local endpoint reports its
-model's metrics.json at `/metadata`; on SageMaker every endpoint config tagflow creates carries the objective as
-tags (`tagflow:objective-metric`, `tagflow:objective-value`), read back from the endpoint's current config.
+The gate judges two models scored on the same images: the candidate and the model the run's endpoint serves now
+(the champion), both evaluated by `tagflow.evaluate` on the dataset's current validation split. The champion is
+found where each backend keeps it: the local endpoint reports its model's source and name at `/metadata`; on
+SageMaker the endpoint's config names a model whose PrimaryContainer.ModelDataUrl is the archive. Every endpoint
+config tagflow creates also carries the training job's objective as tags (`tagflow:objective-metric`,
+`tagflow:objective-value`, `tagflow:training-job`), for people reading the console; the gate does not use them.
 """
 
 from __future__ import annotations
@@ -18,28 +20,13 @@ from typing import Any
 
 from tagflow import s3
 from tagflow.errors import TagflowError
-from tagflow.recordio import RecordReader, unpack_payload
 from tagflow.sagemaker_config import job_name
 
 METRIC_TAG = "tagflow:objective-metric"
 VALUE_TAG = "tagflow:objective-value"
 JOB_TAG = "tagflow:training-job"
-
-
-def gate(candidate: Mapping[str, Any], threshold: float, serving: float | None) -> dict[str, Any]:
-    """{"deploy": bool, "reason": str}: deploy if the candidate's objective ≥ threshold and ≥ the serving model's."""
-    metric, value = candidate["metric"], candidate.get("value")
-    if value is None or not math.isfinite(value):
-        return {"deploy": False, "reason": f"the new model has no {metric} value; the endpoint is left as it is"}
-    if value < threshold:
-        return {"deploy": False, "reason": f"{metric} {value:.4f} is below the gate {threshold:.4f}"}
-    if serving is not None and value < serving:
-        return {
-            "deploy": False,
-            "reason": f"{metric} {value:.4f} is worse than the serving model's {serving:.4f}",
-        }
-    against = f"the serving model's {serving:.4f}" if serving is not None else "no serving model"
-    return {"deploy": True, "reason": f"{metric} {value:.4f} passes the gate {threshold:.4f} and {against}"}
+GATE_METRICS = ("mAP", "accuracy")  # what the form's gate_metric may name; mAP is the default, never accuracy
+BASELINES = {"mAP": "label_frequency_mAP", "accuracy": "all_negative_accuracy"}  # each metric's baseline
 
 
 DEFAULT_LIFT = 2.0
@@ -70,11 +57,13 @@ def gate_by_evaluation(
 
     `candidate` and `champion` (the serving model, None when there is none) are evaluation sections: `labels`
     (count), `label_names` (None when unknown) and `metric` (macro mAP by default); `baseline` is the
-    label-frequency predictor's value of `metric` on that split. Deploy only if the label sets are equal (count, and
-    names when both are known), and the candidate's value is ≥ lift × baseline, ≥ threshold and ≥ the champion's
-    minus tolerance. Defaults: lift 2 (the issue's), threshold 0.1 (lift alone passes a near-random model on a
-    many-label set with rare labels, whose baseline is ~0.01), tolerance 0 (both are scored on the same images, so no
-    split noise needs absorbing, and any allowance would let a run of scheduled retrains ratchet quality down)."""
+    label-frequency predictor's value of `metric` on that split (for metric "accuracy", the all-negative
+    predictor's accuracy, which the candidate must beat: lift is not used). Deploy only if the label sets are
+    equal (count, and names when both are known), and the candidate's value is ≥ lift × baseline, ≥ threshold and
+    ≥ the champion's minus tolerance. Defaults: lift 2 (the issue's), threshold 0.1 (lift alone passes a
+    near-random model on a many-label set with rare labels, whose baseline is ~0.01), tolerance 0 (both are scored
+    on the same images, so no split noise needs absorbing, and any allowance would let a run of scheduled retrains
+    ratchet quality down)."""
     kept = "; the endpoint is left as it is"
     if champion is not None:
         names_differ = (
@@ -92,7 +81,14 @@ def gate_by_evaluation(
     if not isinstance(value, (int, float)) or not math.isfinite(value):
         reason = f"the candidate has no {metric} on this split (no label has a positive){kept}"
         return {"deploy": False, "reason": reason}
-    if baseline is not None:
+    if baseline is not None and metric == "accuracy":
+        if value <= baseline:
+            return {
+                "deploy": False,
+                "reason": f"accuracy {value:.4f} does not beat the all-negative predictor's {baseline:.4f} (a model "
+                f"that predicts no label){kept}",
+            }
+    elif baseline is not None:
         bar = lift * baseline
         if value < bar:
             return {
@@ -117,13 +113,103 @@ def gate_by_evaluation(
         if isinstance(serving, (int, float))
         else "a serving model with no value"
     )
-    base = f"{lift:g} × the label-frequency baseline's {baseline:.4f}, " if baseline is not None else ""
+    base = (
+        ""
+        if baseline is None
+        else f"> the all-negative predictor's {baseline:.4f}, "
+        if metric == "accuracy"
+        else f"{lift:g} × the label-frequency baseline's {baseline:.4f}, "
+    )
     reason = f"{metric} {value:.4f} passes: ≥ {base}≥ the threshold {threshold:.4f}, ≥ {against}"
     return {"deploy": True, "reason": reason}
 
 
+def judge(
+    doc: Mapping[str, Any], *, metric: str = "mAP", lift: float, threshold: float, tolerance: float
+) -> dict[str, Any]:
+    """The gate's decision on an evaluation document (tagflow.evaluate) under the run's rule, with the rule.
+
+    For mAP it is the document's own `gate` (evaluate decided it with the same lift, threshold and tolerance);
+    for accuracy it is decided again from the same scores, against the all-negative predictor's accuracy."""
+    if metric not in GATE_METRICS:
+        raise ValueError(f"gate metric {metric!r}: expected one of {', '.join(GATE_METRICS)}")
+    if metric == "mAP":
+        return dict(doc["gate"])
+    baseline = doc["baselines"][BASELINES[metric]]
+    decision = gate_by_evaluation(
+        doc["candidate"], doc.get("champion"), baseline=baseline, lift=lift, threshold=threshold,
+        tolerance=tolerance, metric=metric,
+    )  # fmt: skip
+    rule = {"metric": metric, "baseline": BASELINES[metric], "threshold": threshold, "tolerance": tolerance}
+    return {**decision, "rule": rule}
+
+
+def summary(doc: Mapping[str, Any], decision: Mapping[str, Any], metric: str = "mAP") -> dict[str, Any]:
+    """The figures a person looks for first, from an evaluation document: the gate metric's value for the
+    candidate, its baseline and the champion's (None without a scored champion)."""
+    champion = doc.get("champion") or {}
+    return {
+        "metric": metric,
+        "mAP": doc["candidate"].get("mAP"),
+        "accuracy": doc["candidate"].get("accuracy"),
+        "baseline": doc["baselines"].get(BASELINES[metric]),
+        "baselines": dict(doc["baselines"]),
+        "champion_mAP": champion.get("mAP"),
+        "champion_accuracy": champion.get("accuracy"),
+        "champion": (champion.get("model") or {}).get("uri"),
+        "deploy": bool(decision["deploy"]),
+        "reason": decision["reason"],
+    }
+
+
+def run_note(gate: Mapping[str, Any] | None, training: Mapping[str, Any] | None) -> str | None:
+    """The DAG run's note (shown on the run's page): the gate's decision and its figures, or why nothing was
+    trained; None when neither task decided anything (the run failed before)."""
+    if gate:
+        verdict = "Deployed" if gate.get("deploy") else "Kept the serving model"
+        lines = [f"**{verdict}** — {gate.get('reason', '')}"]
+        if gate.get("mAP") is not None:
+            figures = f"mAP {gate['mAP']:.4f}, label-frequency baseline {gate['baselines']['label_frequency_mAP']:.4f}"
+            if gate.get("champion_mAP") is not None:
+                figures += f", serving model {gate['champion_mAP']:.4f} on the same split"
+            lines.append(figures)
+        if gate.get("evaluation"):
+            lines.append(f"Evaluation: {gate['evaluation']}")
+        return "\n\n".join(lines)
+    if training and not training.get("train", True):
+        return f"**Not trained** — {training['reason']}"
+    return None
+
+
+def local_champion(metadata: Mapping[str, Any] | None, endpoint_name: str) -> str | None:
+    """The model the local endpoint serves under `endpoint_name` (its /metadata `source`); None if it serves no
+    model or serves it under another name (another endpoint's model is no champion for this one)."""
+    if not metadata or metadata.get("name") != endpoint_name:
+        return None
+    return metadata.get("source")
+
+
+def sagemaker_champion(sagemaker, endpoint_name: str) -> str | None:
+    """The model.tar.gz the SageMaker endpoint `endpoint_name` serves now: DescribeEndpoint → its EndpointConfig →
+    the first variant's Model → PrimaryContainer.ModelDataUrl; None if there is no such endpoint. `sagemaker` is a
+    boto3 SageMaker client."""
+    current = described(lambda name: sagemaker.describe_endpoint(EndpointName=name), endpoint_name)
+    if current is None:
+        return None
+    config = sagemaker.describe_endpoint_config(EndpointConfigName=current["EndpointConfigName"])
+    variants = config.get("ProductionVariants") or []
+    if not variants:
+        return None
+    model = described(lambda name: sagemaker.describe_model(ModelName=name), variants[0]["ModelName"])
+    if model is None:
+        return None
+    container = model.get("PrimaryContainer") or (model.get("Containers") or [{}])[0]
+    return container.get("ModelDataUrl")
+
+
 def local_serving_value(metadata: Mapping[str, Any] | None, metric: str) -> float | None:
-    """The serving model's `metric` from the local endpoint's /metadata (its metrics.json), if it has one."""
+    """The serving model's `metric` as its own training recorded it (the local endpoint's /metadata, from its
+    metrics.json), if it has one. Informative only: the gate re-scores the serving model instead."""
     if not metadata:
         return None
     validation = ((metadata.get("metrics") or {}).get("validation")) or {}
@@ -155,22 +241,12 @@ def described(describe: Callable[[str], dict[str, Any]], name: str) -> dict[str,
         raise
 
 
-def sagemaker_serving_value(sagemaker, endpoint_name: str, metric: str) -> float | None:
-    """The objective recorded on the endpoint config `endpoint_name` serves now; None if there is no such endpoint
-    or its config was not made by tagflow for this metric. `sagemaker` is a boto3 SageMaker client."""
-    current = described(lambda name: sagemaker.describe_endpoint(EndpointName=name), endpoint_name)
-    if current is None:
-        return None
-    config = sagemaker.describe_endpoint_config(EndpointConfigName=current["EndpointConfigName"])
-    return tagged_value(sagemaker.list_tags(ResourceArn=config["EndpointConfigArn"]).get("Tags", []), metric)
-
-
 def objective_tags(candidate: Mapping[str, Any]) -> list[dict[str, str]]:
-    return [
-        {"Key": METRIC_TAG, "Value": candidate["metric"]},
-        {"Key": VALUE_TAG, "Value": repr(float(candidate["value"]))},
-        {"Key": JOB_TAG, "Value": candidate["job"]},
-    ]
+    """The training job and its own objective value (for the console; a job may report none)."""
+    tags = [{"Key": METRIC_TAG, "Value": candidate["metric"]}, {"Key": JOB_TAG, "Value": candidate["job"]}]
+    if isinstance(candidate.get("value"), (int, float)):
+        tags.insert(1, {"Key": VALUE_TAG, "Value": repr(float(candidate["value"]))})
+    return tags
 
 
 def sagemaker_endpoint_config(
@@ -230,6 +306,8 @@ def check_switched(endpoint: Mapping[str, Any], config_name: str) -> None:
 
 def smoke_image(dataset_uri: str, client=None) -> tuple[int, bytes]:
     """(image ID, encoded bytes) of the first validation record, fetched with two small reads (no full download)."""
+    from tagflow.recordio import RecordReader, unpack_payload  # numpy: not at import (the DAG file imports this)
+
     client = client or s3.make_client()
     dataset = s3.S3Uri.parse(dataset_uri)
     idx, rec = dataset.join("validation", "val.idx"), dataset.join("validation", "val.rec")

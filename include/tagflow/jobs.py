@@ -5,6 +5,7 @@ requests to AWS, the local operators hand the very same dicts to `tagflow.local.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Mapping
 from typing import Any
@@ -222,3 +223,146 @@ def adoptable(earlier: list[tuple[str, str]]) -> str | None:
         if status in ("InProgress", "Completed"):
             return name
     return None
+
+
+# --- lineage: what a model was trained from, and whether a run has anything new to train on --------------------
+
+LINEAGE_FORMAT = 1
+LINEAGE_NAME = "lineage.json"
+MODEL_SUFFIX = "/output/model.tar.gz"  # the built-in's (and the local runner's) OUTPUT/JOB/output/model.tar.gz
+RETRAIN_RUN_TYPES = ("scheduled", "backfill")  # the runs that stop when nothing changed; manual runs always train
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def dataset_digest(dataset_uri: str, manifest: Mapping[str, Any], client=None) -> dict[str, Any]:
+    """The published dataset's identity: one sha256 over the train and validation records' sha256 (what publish
+    recorded on each object, else its ETag) and the label names (the manifest's). Any image, label, resize or split
+    change changes a record file, so it changes the digest; re-publishing the same data does not."""
+    client = client or s3.make_client()
+    dataset = s3.S3Uri.parse(dataset_uri)
+    records: dict[str, str] = {}
+    for split, folder in (("train", "training"), ("val", "validation")):
+        uri = dataset.join(folder, f"{split}.rec")
+        head = client.head_object(Bucket=uri.bucket, Key=uri.key)
+        etag = head["ETag"].strip('"')
+        records[split] = head.get("Metadata", {}).get(s3.SHA256_METADATA_KEY) or f"etag-{etag}"
+    names = list(manifest.get("label_names") or [])
+    return {
+        "uri": str(dataset),
+        "digest": _digest({"records": records, "label_names": names}),
+        "records": records,
+        "num_labels": manifest.get("num_labels"),
+        "counts": {k: manifest.get("counts", {}).get(k) for k in ("train", "val")},
+    }
+
+
+def training_settings(cfg: RunConfig) -> dict[str, Any]:
+    """What, besides the data, decides the model a run trains: backend, mode, objective, hyperparameters, and in
+    tune mode the search (ranges, strategy, trial count). Instance types and runtime limits do not change it."""
+    settings: dict[str, Any] = {
+        "backend": cfg.backend,
+        "mode": cfg.mode,
+        "objective_metric": cfg.objective_metric,
+        "hyperparameters": {k: cfg.hyperparameters[k] for k in sorted(cfg.hyperparameters)},
+    }
+    if cfg.mode == "tune":
+        settings["tuning"] = {"ranges": cfg.tuning_ranges, "strategy": cfg.tuning_strategy, "max_jobs": cfg.max_jobs}
+    return settings
+
+
+def lineage(cfg: RunConfig, dataset: Mapping[str, Any]) -> dict[str, Any]:
+    """A model's lineage: the dataset it came from (`dataset_digest`) and the training settings."""
+    settings = training_settings(cfg)
+    return {"format_version": LINEAGE_FORMAT, "dataset": dict(dataset), "settings": settings,
+            "settings_digest": _digest(settings)}  # fmt: skip
+
+
+def lineage_uri(model_uri: str) -> s3.S3Uri | None:
+    """Where a model's lineage lives: s3://B/PREFIX/output/JOB/lineage.json beside OUTPUT/JOB/output/model.tar.gz;
+    None for a model not in that layout (a hand-swapped local archive), which then has no known lineage."""
+    if not model_uri.startswith("s3://") or not model_uri.endswith(MODEL_SUFFIX):
+        return None
+    uri = s3.S3Uri.parse(model_uri)
+    return s3.S3Uri(uri.bucket, uri.key[: -len(MODEL_SUFFIX)] + "/" + LINEAGE_NAME)
+
+
+def write_lineage(doc: Mapping[str, Any], model_uri: str, client=None) -> str | None:
+    """Put `doc` beside the model (one PUT, so whole or not at all); its URI, or None outside the layout."""
+    uri = lineage_uri(model_uri)
+    if uri is None:
+        return None
+    body = (json.dumps({**doc, "model": model_uri}, indent=1, sort_keys=True) + "\n").encode()
+    (client or s3.make_client()).put_object(Bucket=uri.bucket, Key=uri.key, Body=body,
+                                            ContentType="application/json")  # fmt: skip
+    return str(uri)
+
+
+def read_lineage(model_uri: str | None, client=None) -> dict[str, Any] | None:
+    """The lineage recorded beside `model_uri`; None when there is none (an older model, another layout) or it is
+    unreadable: then nothing is known to be unchanged, and the run trains."""
+    from botocore.exceptions import ClientError
+
+    uri = lineage_uri(model_uri) if model_uri else None
+    if uri is None:
+        return None
+    try:
+        body = (client or s3.make_client()).get_object(Bucket=uri.bucket, Key=uri.key)["Body"].read()
+    except ClientError as err:
+        if err.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound", "NoSuchBucket"):
+            return None
+        raise
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return None
+    return doc if isinstance(doc, dict) and doc.get("format_version") == LINEAGE_FORMAT else None
+
+
+def _changed(old: Any, new: Any, path: str = "") -> list[str]:
+    """The leaves that differ between two JSON values, as `path: old → new`."""
+    if isinstance(old, Mapping) and isinstance(new, Mapping):
+        out: list[str] = []
+        for key in sorted(set(old) | set(new), key=str):
+            out += _changed(old.get(key), new.get(key), f"{path}.{key}" if path else str(key))
+        return out
+    return [] if old == new else [f"{path or 'value'}: {json.dumps(old)} → {json.dumps(new)}"]
+
+
+def training_decision(
+    run_type: str,
+    *,
+    force: bool,
+    current: Mapping[str, Any],
+    serving_model: str | None,
+    serving: Mapping[str, Any] | None,
+) -> dict[str, Any]:
+    """Whether this run trains: {"train": bool, "reason": str}. A scheduled or backfill run whose dataset digest
+    and training settings equal the serving model's lineage does not ("nothing new since MODEL"); a manual run, a
+    run with `force`, and any run without a serving model or without its lineage do."""
+    if run_type not in RETRAIN_RUN_TYPES:
+        return {"train": True, "reason": f"a {run_type} run trains whatever changed"}
+    if force:
+        return {"train": True, "reason": "force_training is on"}
+    if serving_model is None:
+        return {"train": True, "reason": "no model is serving"}
+    if serving is None:
+        return {"train": True, "reason": f"the serving model {serving_model} has no recorded lineage"}
+    changes = []
+    if serving.get("dataset", {}).get("digest") != current["dataset"]["digest"]:
+        old = serving.get("dataset", {})
+        changes.append(f"the dataset changed (digest {str(old.get('digest'))[:12]} → "
+                       f"{current['dataset']['digest'][:12]}; images {old.get('counts')} → "
+                       f"{current['dataset']['counts']})")  # fmt: skip
+    if serving.get("settings_digest") != current["settings_digest"]:
+        changes.append("the training settings changed (" + "; ".join(
+            _changed(serving.get("settings"), current["settings"])[:5]) + ")")  # fmt: skip
+    if changes:
+        return {"train": True, "reason": f"since {serving_model}: " + " and ".join(changes)}
+    return {
+        "train": False,
+        "reason": f"nothing new since {serving_model}: the same dataset (digest {current['dataset']['digest'][:12]})"
+        " and training settings; set force_training to train anyway",
+    }

@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from tagflow import names
+from tagflow.deploy import DEFAULT_LIFT, DEFAULT_THRESHOLD, DEFAULT_TOLERANCE, GATE_METRICS
 from tagflow.errors import InputError, quote
 
 S3_URI_PATTERN = r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?$"
@@ -23,6 +24,10 @@ _SEGMENT = r"(?!\.\.?(/|$))[A-Za-z0-9!_.*'()\-]+"
 PREFIX_PATTERN = rf"^{_SEGMENT}(/{_SEGMENT})*$"
 OBJECTIVES = ("validation:accuracy", "validation:mAP", "validation:micro_f1", "validation:macro_f1")
 SAGEMAKER_OBJECTIVES = ("validation:accuracy",)  # what the built-in algorithm itself reports
+# The objective when the form leaves it empty: the local trainer keeps and ranks by mAP; the built-in reports only
+# accuracy (on SageMaker the evaluation stage, not the objective, judges the model).
+DEFAULT_OBJECTIVES = {"local": "validation:mAP", "sagemaker": "validation:accuracy"}
+RENAMED = {"metric_gate": "gate_threshold"}  # old field → its successor (the gate now compares macro mAP)
 
 # Fields a preset fills when the form leaves them empty. The source locations are where `tagflow demo-data`
 # and the seed's notebooks put them; on AWS, type your own bucket's.
@@ -34,6 +39,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "dataset_prefix": "50-label-rs96",
         "num_labels": 50,
         "resize": 96,
+        "endpoint_name": "tagflow-designs-50",
     },
     "ic-multi-label": {
         "list_uri": "s3://tagflow-raw/ic-multi-label/lists/",
@@ -42,10 +48,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         "dataset_prefix": "ic-multi-label",
         "num_labels": 334,
         "resize": 96,
+        "endpoint_name": "tagflow-designs-334",
     },
 }
 CUSTOM = "custom"
-PRESET_FIELDS = ("list_uri", "images_uri", "labels_uri", "dataset_prefix", "num_labels", "resize")
+PRESET_FIELDS = ("list_uri", "images_uri", "labels_uri", "dataset_prefix", "num_labels", "resize", "endpoint_name")
 
 DEFAULT_HYPERPARAMETERS: dict[str, Any] = {
     "num_layers": 18,
@@ -206,14 +213,15 @@ PARAMS: dict[str, dict[str, Any]] = {
         "and image_shape come from the packed data and may not be set here.",
         "section": "Training",
     },
-    "objective_metric": {
-        "type": "string",
-        "default": "validation:accuracy",
-        "enum": list(OBJECTIVES),
-        "title": "Objective metric",
-        "description": "What tuning maximizes and the deploy gate compares. On SageMaker only validation:accuracy.",
-        "section": "Training",
-    },
+    "objective_metric": _nullable(
+        "string",
+        enum=[*OBJECTIVES, None],
+        title="Objective metric",
+        description="What the local trainer keeps its best epoch by and tuning ranks trials by; empty: "
+        "validation:mAP locally, validation:accuracy on SageMaker (the only one its built-in algorithm reports). "
+        "The deploy gate does not use it: it judges every model by the evaluation (Gate metric).",
+        section="Training",
+    ),
     "tuning_ranges": {
         "type": "object",
         "default": DEFAULT_TUNING_RANGES,
@@ -254,14 +262,15 @@ PARAMS: dict[str, dict[str, Any]] = {
         "description": "Deploy the new model if it passes the gate.",
         "section": "Deployment",
     },
-    "endpoint_name": {
-        "type": "string",
-        "default": "tagflow-designs",
-        "pattern": names.ENDPOINT_NAME_PATTERN,
-        "title": "Endpoint name",
-        "description": "The SageMaker endpoint (or the local endpoint's name) the model is deployed to.",
-        "section": "Deployment",
-    },
+    "endpoint_name": _nullable(
+        "string",
+        pattern=names.ENDPOINT_NAME_PATTERN,
+        title="Endpoint name",
+        description="The SageMaker endpoint (or the local endpoint's name) the model is deployed to, and whose "
+        "serving model the gate compares with. Empty: the preset's (tagflow-designs-50, tagflow-designs-334), so "
+        "the two presets never replace each other's model; a custom run names its own.",
+        section="Deployment",
+    ),
     "endpoint_instance_type": {
         "type": "string",
         "default": "ml.m5.large",
@@ -270,14 +279,54 @@ PARAMS: dict[str, dict[str, Any]] = {
         "description": "SageMaker ML instance serving the endpoint (the local backend ignores it).",
         "section": "Deployment",
     },
-    "metric_gate": {
+    "gate_metric": {
+        "type": "string",
+        "default": "mAP",
+        "enum": list(GATE_METRICS),
+        "title": "Gate metric",
+        "description": "What the gate judges, on the dataset's current validation split, for the new and the "
+        "serving model alike. mAP: macro mean average precision over the labels with a positive (the default). "
+        "accuracy: the built-in's Hamming accuracy, which an all-negative model scores high on: it must beat the "
+        "all-negative predictor's accuracy (the lift is then not used).",
+        "section": "Deployment",
+    },
+    "gate_lift": {
         "type": "number",
-        "default": 0.5,
+        "default": DEFAULT_LIFT,
+        "minimum": 0,
+        "maximum": 1000,
+        "title": "Gate lift",
+        "description": "Deploy only if the new model's mAP is at least this many times the label-frequency "
+        "baseline's (every image scored with each label's training frequency) on the same split.",
+        "section": "Deployment",
+    },
+    "gate_threshold": {
+        "type": "number",
+        "default": DEFAULT_THRESHOLD,
         "minimum": 0,
         "maximum": 1,
-        "title": "Metric gate",
-        "description": "Deploy only if the objective metric is at least this and not worse than the serving model's.",
+        "title": "Gate threshold",
+        "description": "Deploy only if the gate metric is at least this (0–1), whatever the baseline.",
         "section": "Deployment",
+    },
+    "gate_tolerance": {
+        "type": "number",
+        "default": DEFAULT_TOLERANCE,
+        "minimum": 0,
+        "maximum": 1,
+        "title": "Gate tolerance",
+        "description": "How much worse than the serving model (re-scored on the same images) the new model may be "
+        "and still replace it. 0: it must be at least as good.",
+        "section": "Deployment",
+    },
+    "force_training": {
+        "type": "boolean",
+        "default": False,
+        "title": "Force training",
+        "description": "Train even if neither the published dataset nor the training settings changed since the "
+        'serving model was trained. Scheduled and backfill runs otherwise stop after publish with "nothing new '
+        'since MODEL"; a run triggered by hand always trains.',
+        "section": "Training",
     },
 }
 
@@ -311,7 +360,11 @@ class RunConfig:
     deploy: bool
     endpoint_name: str
     endpoint_instance_type: str
-    metric_gate: float
+    gate_metric: str
+    gate_lift: float
+    gate_threshold: float
+    gate_tolerance: float
+    force_training: bool
     max_pixels: int | None = None  # None: tagflow.pack's default
     list_until: str | None = None  # ISO time: partitions dated before it are read
 
@@ -340,6 +393,10 @@ def resolve(params: Mapping[str, Any], *, list_until: datetime | None = None) ->
 
     Raises InputError naming the field and what was expected.
     """
+    renamed = sorted(set(params) & set(RENAMED))
+    if renamed:
+        raise InputError("; ".join(f"{old}: renamed {RENAMED[old]} (the gate now compares the evaluation's macro "
+                                   "mAP by default; see gate_metric)" for old in renamed))  # fmt: skip
     values = {name: params.get(name, spec.get("default")) for name, spec in PARAMS.items()}
     unknown = sorted(set(params) - set(PARAMS))
     if unknown:
@@ -351,7 +408,11 @@ def resolve(params: Mapping[str, Any], *, list_until: datetime | None = None) ->
         for name in PRESET_FIELDS:
             if values.get(name) is None:
                 values[name] = PRESETS[preset][name]
-    missing = [name for name in ("list_uri", "dataset_prefix", "num_labels", "resize") if values.get(name) is None]
+    missing = [
+        name
+        for name in ("list_uri", "dataset_prefix", "num_labels", "resize", "endpoint_name")
+        if values.get(name) is None
+    ]
     if missing:
         raise InputError(f"preset {preset}: set {', '.join(missing)} (a custom run has no preset to fill them)")
     if not values["list_uri"].endswith("/") and values["list_uri"].rstrip("/").count("/") < 3:
@@ -371,6 +432,8 @@ def resolve(params: Mapping[str, Any], *, list_until: datetime | None = None) ->
             raise InputError(
                 f"max_parallel_jobs: {values['max_parallel_jobs']} is more than max_jobs ({values['max_jobs']})"
             )
+    if values["objective_metric"] is None:
+        values["objective_metric"] = DEFAULT_OBJECTIVES[values["backend"]]
     if values["backend"] == "sagemaker" and values["objective_metric"] not in SAGEMAKER_OBJECTIVES:
         raise InputError(
             f"objective_metric: {values['objective_metric']} is reported only by the local trainer; "

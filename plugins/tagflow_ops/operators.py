@@ -27,6 +27,16 @@ from airflow.providers.amazon.aws.operators.sagemaker import (
 )
 from airflow.sdk import BaseBranchOperator, BaseOperator
 
+from tagflow_ops.links import (
+    DatasetLink,
+    EndpointConsoleLink,
+    EvaluationLink,
+    ModelLink,
+    ReportLink,
+    TrainingJobConsoleLink,
+    TuningJobConsoleLink,
+)
+
 if TYPE_CHECKING:
     from airflow.sdk import Context
 
@@ -137,9 +147,8 @@ class ResolveConfigOperator(BaseOperator):
         from tagflow import jobs, runconfig
 
         run = context["dag_run"]
-        run_type = getattr(run.run_type, "value", run.run_type)  # DagRunType is an enum: "scheduled", "backfill", …
         cutoff = runconfig.partition_cutoff(
-            str(run_type), context.get("data_interval_end"), getattr(run, "run_after", None)
+            _run_type(run), context.get("data_interval_end"), getattr(run, "run_after", None)
         )
         with bad_input_fails_fast():
             cfg = runconfig.resolve(dict(context["params"]), list_until=cutoff)
@@ -203,6 +212,8 @@ class PackShardOperator(_ShardOperator):
 class PublishDatasetOperator(TagflowOperator):
     """Merge the packed shards into DATASET/{training,validation}/ with the manifest; emits the dataset Asset."""
 
+    operator_extra_links = (DatasetLink(),)
+
     template_fields: Sequence[str] = ("config", "plan")
 
     def __init__(self, *, plan: Any, **kwargs: Any):
@@ -244,6 +255,8 @@ class ChooseBranchOperator(BaseBranchOperator):
 class LocalTrainingOperator(TagflowOperator):
     """Run this run's training job in the local algorithm environment (same request as on SageMaker)."""
 
+    operator_extra_links = (ModelLink(),)
+
     def run(self, context: Context) -> dict[str, Any]:
         from tagflow import jobs
         from tagflow.local.runner import run_training_job
@@ -263,6 +276,8 @@ class LocalTrainingOperator(TagflowOperator):
 
 class LocalTuningOperator(TagflowOperator):
     """Run this run's tuning job in the local algorithm environment (same request as on SageMaker)."""
+
+    operator_extra_links = (ModelLink(),)
 
     def run(self, context: Context) -> dict[str, Any]:
         from tagflow import jobs
@@ -368,6 +383,8 @@ class _AdoptingJobMixin:
 class TagflowSageMakerTrainingOperator(_AdoptingJobMixin, SageMakerTrainingOperator):
     """The provider's SageMakerTrainingOperator (deferrable), named per run and try, adopting an earlier try's job."""
 
+    operator_extra_links = (ModelLink(), TrainingJobConsoleLink())
+
     kind, name_field, status_field = "training", "TrainingJobName", "TrainingJobStatus"
 
     def __init__(self, **kwargs: Any):
@@ -404,6 +421,8 @@ class TagflowSageMakerTrainingOperator(_AdoptingJobMixin, SageMakerTrainingOpera
 
 class TagflowSageMakerTuningOperator(_AdoptingJobMixin, SageMakerTuningOperator):
     """The provider's SageMakerTuningOperator (deferrable), named per run and try, adopting an earlier try's job."""
+
+    operator_extra_links = (ModelLink(), TuningJobConsoleLink())
 
     kind, name_field, status_field = "tuning", "HyperParameterTuningJobName", "HyperParameterTuningJobStatus"
 
@@ -447,6 +466,8 @@ class TagflowSageMakerEndpointOperator(SageMakerEndpointOperator):
     safe to retry — an endpoint config an earlier try created is not created again, an endpoint already on this
     config is only waited for — and strict: it fails unless the endpoint ends up serving the new config."""
 
+    operator_extra_links = (EndpointConsoleLink(),)
+
     def execute(self, context: Context) -> dict:
         from tagflow.deploy import described
 
@@ -485,43 +506,119 @@ class TagflowSageMakerEndpointOperator(SageMakerEndpointOperator):
         return result
 
 
-class DeployGateOperator(TagflowOperator):
-    """Judge the new model against the form's threshold and the serving model; returns the decision.
+class _ServingModelMixin:
+    """The model the run's endpoint (the form's endpoint_name) serves now, on either backend; None if none."""
 
-    `candidates` are the task IDs of the training branches; the one that ran left its result in XCom.
-    """
+    aws: AwsClients
 
-    def __init__(self, *, candidates: Sequence[str], **kwargs: Any):
-        super().__init__(**kwargs)
-        self.candidates = list(candidates)
-
-    def run(self, context: Context) -> dict[str, Any]:
-        from tagflow import deploy, jobs
-
-        cfg = _cfg(self.config)
-        results = [r for r in context["ti"].xcom_pull(task_ids=self.candidates) if r]
-        if len(results) != 1:
-            raise ValueError(f"expected one training result among {self.candidates}, found {len(results)}")
-        candidate = jobs.candidate(results[0], cfg.objective_metric)
-        if cfg.deploy:
-            serving = self._serving_value(cfg)
-            decision = deploy.gate(candidate, cfg.metric_gate, serving)
-        else:
-            serving, decision = None, {"deploy": False, "reason": "deploy is off for this run"}
-        self.log.info("gate: %s", decision["reason"])
-        for outlet in self.outlets:
-            context["outlet_events"][outlet].extra = {**candidate, "deploy": decision["deploy"]}
-        route = cfg.backend if decision["deploy"] else "keep"  # choose_deploy's key
-        return {**decision, "candidate": candidate, "serving_value": serving, "route": route}
-
-    def _serving_value(self, cfg) -> float | None:
+    def serving_model(self, cfg) -> str | None:
         from tagflow import deploy
 
         if cfg.backend == "local":
             from tagflow.local import endpoint
 
-            return deploy.local_serving_value(endpoint.metadata(local_endpoint()[0]), cfg.objective_metric)
-        return deploy.sagemaker_serving_value(self.aws.client("sagemaker"), cfg.endpoint_name, cfg.objective_metric)
+            return deploy.local_champion(endpoint.metadata(local_endpoint()[0]), cfg.endpoint_name)
+        return deploy.sagemaker_champion(self.aws.client("sagemaker"), cfg.endpoint_name)
+
+
+class ChooseTrainingOperator(_ServingModelMixin, TagflowOperator, BaseBranchOperator):
+    """Follow the training branch of the run's backend/mode, or none: a scheduled or backfill run whose published
+    dataset and training settings equal the serving model's lineage stops here ("nothing new since MODEL"), and
+    every later task is skipped. Returns the decision with this run's lineage (the gate records it with the model).
+    """
+
+    def __init__(self, *, branches: Mapping[str, str], **kwargs: Any):
+        super().__init__(**kwargs)
+        self.branches = dict(branches)
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        with bad_input_fails_fast():
+            decision = self._decide(context)
+        self.log.info("%s", decision["reason"])
+        self.do_branch(context, [decision["branch"]] if decision["train"] else [])
+        return decision
+
+    def _decide(self, context: Context) -> dict[str, Any]:
+        from tagflow import jobs
+
+        cfg = _cfg(self.config)
+        key = f"{cfg.backend}/{cfg.mode}"
+        if key not in self.branches:
+            raise ValueError(f"{self.task_id}: no branch for {key!r}; expected one of {sorted(self.branches)}")
+        manifest = jobs.read_manifest(cfg.dataset_uri, self.aws.s3)
+        current = jobs.lineage(cfg, jobs.dataset_digest(cfg.dataset_uri, manifest, self.aws.s3))
+        run_type = _run_type(context["dag_run"])
+        serving = self.serving_model(cfg) if run_type in jobs.RETRAIN_RUN_TYPES else None
+        decision = jobs.training_decision(
+            run_type, force=cfg.force_training, current=current, serving_model=serving,
+            serving=jobs.read_lineage(serving, self.aws.s3),
+        )  # fmt: skip
+        return {**decision, "branch": self.branches[key], "run_type": run_type, "serving_model": serving,
+                "lineage": current}  # fmt: skip
+
+
+def _run_type(run) -> str:
+    return str(getattr(run.run_type, "value", run.run_type))  # DagRunType is an enum: "scheduled", "backfill", …
+
+
+class EvaluateGateOperator(_ServingModelMixin, TagflowOperator):
+    """Score the new model and the serving one on the dataset's current validation split (tagflow.evaluate, in
+    the algorithm environment), write the evaluation (and its report) under PREFIX/output/JOB/evaluation/, record
+    the model's lineage beside it, and decide by the form's gate rule. Returns the decision the deploy tasks use.
+
+    One task, not two: the decision is a pure function of the evaluation document, so a separate gate task would
+    only pass that document along; and the champion must be looked up in the same task that scores it, or a deploy
+    in between could make the gate judge against a model that no longer serves. `candidates` are the training
+    branches' task IDs; the one that ran left its result in XCom; `training` is the task that decided to train.
+    """
+
+    operator_extra_links = (ReportLink(), EvaluationLink(), EndpointConsoleLink())
+
+    def __init__(self, *, candidates: Sequence[str], training: str = "choose_training", **kwargs: Any):
+        super().__init__(**kwargs)
+        self.candidates = list(candidates)
+        self.training = training
+
+    def run(self, context: Context) -> dict[str, Any]:
+        from tagflow import deploy, evaluate, jobs
+
+        cfg = _cfg(self.config)
+        ti = context["ti"]
+        results = [r for r in ti.xcom_pull(task_ids=self.candidates) if r]
+        if len(results) != 1:
+            raise ValueError(f"expected one training result among {self.candidates}, found {len(results)}")
+        candidate = jobs.candidate(results[0], cfg.objective_metric)
+        lineage = (ti.xcom_pull(task_ids=self.training) or {}).get("lineage")
+        champion = self.serving_model(cfg)
+        if champion == candidate["model_data_url"]:
+            champion = None  # a retry after this model was deployed: it is no rival of itself
+        self.log.info("evaluating %s against %s", candidate["model_data_url"], champion or "no serving model")
+        doc = evaluate.evaluate(
+            candidate["model_data_url"], cfg.dataset_uri, client=self.aws.s3, champion_uri=champion,
+            lift=cfg.gate_lift, threshold=cfg.gate_threshold, tolerance=cfg.gate_tolerance,
+        )  # fmt: skip
+        decision = deploy.judge(doc, metric=cfg.gate_metric, lift=cfg.gate_lift, threshold=cfg.gate_threshold,
+                                tolerance=cfg.gate_tolerance)  # fmt: skip
+        if not cfg.deploy:
+            decision = {**decision, "deploy": False, "reason": f"deploy is off for this run ({decision['reason']})"}
+        doc = {**doc, "gate": decision, "lineage": lineage, "training": candidate}
+        evaluation = evaluate.write_evaluation(doc, cfg.dataset_uri, candidate["job"], self.aws.s3)
+        lineage_uri = jobs.write_lineage(lineage, candidate["model_data_url"], self.aws.s3) if lineage else None
+        figures = deploy.summary(doc, decision, cfg.gate_metric)
+        self.log.info("gate: %s", decision["reason"])
+        for outlet in self.outlets:
+            context["outlet_events"][outlet].extra = {
+                "model_data_url": candidate["model_data_url"], "job": candidate["job"], **figures,
+                "evaluation": evaluation, "lineage": lineage,
+            }  # fmt: skip
+        route = cfg.backend if decision["deploy"] else "keep"  # choose_deploy's key
+        return {**figures, "candidate": candidate, "route": route, "evaluation": evaluation,
+                "report": report_uri(evaluation), "lineage_uri": lineage_uri, "rule": decision.get("rule")}  # fmt: skip
+
+
+def report_uri(evaluation_uri: str) -> str:
+    """The report beside an evaluation document (tagflow.evaluate writes both to PREFIX/output/JOB/evaluation/)."""
+    return evaluation_uri.rsplit("/", 1)[0] + "/report.html"
 
 
 class _DeployOperator(TagflowOperator):
