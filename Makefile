@@ -5,14 +5,22 @@ MXVENV := .venv-mxnet
 UV := $(VENV)/bin/uv
 UV_VERSION := 0.13.8
 export UV_LINK_MODE := copy
+# playwright (a dev dependency) drives Debian's chromium; it must never download a browser of its own
+export PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD := 1
 
-.PHONY: demo test up down venvs lint lock s3-start s3-stop clean-state bench
+.PHONY: demo test up down venvs browser lint lock s3-start s3-stop clean-state bench
 
 demo: venvs
 	$(VENV)/bin/tagflow demo
 
-test: venvs
+test: venvs browser
 	$(VENV)/bin/python -m pytest
+
+# Debian's chromium for tests/test_browser.py, from apt when it is missing (CI runs as root on a clean machine).
+browser:
+	@command -v chromium >/dev/null || { apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+	@command -v chromium >/dev/null || { echo "chromium is missing: install Debian's chromium package (apt-get install chromium)" >&2; exit 1; }
 
 # Airflow's UI (standalone), the local S3 server and the local endpoint; `make up PORT=8090` picks the UI's port.
 up: venvs
