@@ -53,9 +53,24 @@ mx.nd.save(str(folder / params), saved)
 """
 
 
-@pytest.fixture(scope="module")
+# The data set and the trained model are built once per test session, whichever module asks first:
+# tests/test_report.py imports these fixtures, and pytest would otherwise run them once per importing module.
+_SESSION: dict[str, object] = {}
+
+
+def _once(name: str, build):
+    if name not in _SESSION:
+        _SESSION[name] = build()
+    return _SESSION[name]
+
+
+@pytest.fixture(scope="session")
 def dataset(tmp_path_factory, s3_client) -> dict:
     """The generated set published at s3://BUCKET/ds in a dataset's layout, with its manifest."""
+    return _once("dataset", lambda: publish_dataset(tmp_path_factory, s3_client))
+
+
+def publish_dataset(tmp_path_factory, s3_client) -> dict:
     root = tmp_path_factory.mktemp("evaldata")
     bucket = "t-evaluate"
     s3.ensure_bucket(s3_client, bucket)
@@ -77,9 +92,13 @@ def dataset(tmp_path_factory, s3_client) -> dict:
     return {"bucket": bucket, "uri": f"s3://{bucket}/ds", "root": root, "manifest": manifest}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def trained(dataset, s3_client, mxnet_python, tmp_path_factory) -> str:
     """A ResNet-18 trained for 5 epochs on the set; its model.tar.gz URI."""
+    return _once("trained", lambda: train_model(dataset, s3_client, mxnet_python, tmp_path_factory))
+
+
+def train_model(dataset, s3_client, mxnet_python, tmp_path_factory) -> str:
     request = training_job_request(
         training_job_name("ic-eval", "trained"),
         image_uri="local/image-classification",
@@ -215,8 +234,16 @@ def test_the_cli_verb_json_has_the_documented_keys(dataset, trained, s3_client, 
     out = capsys.readouterr()
     assert code == 0, out.err
     doc = json.loads(out.out)
-    for key in ("mAP", "micro_mAP", "per_label", "micro_f1", "macro_f1", "accuracy"):
-        assert key in doc["candidate"]
+    # Part 1's figures: macro mAP over labels with a positive, micro mAP, per-label AP with support and the
+    # F1-maximising threshold, micro/macro F1 at those thresholds and at 0.5, Hamming accuracy, both baselines.
+    for key in ("mAP", "micro_mAP", "per_label", "micro_f1", "macro_f1", "micro_f1_at_0.5", "macro_f1_at_0.5",
+                "accuracy", "labels_with_positives"):  # fmt: skip
+        assert isinstance(doc["candidate"][key], (int, float, list)), key
+    # The local trainer's per-epoch record travels with the evaluation (the report draws it).
+    training = doc["candidate"]["training"]
+    assert [h["epoch"] for h in training["history"]] == list(range(5)) and training["selected_by"] == "validation:mAP"
+    assert max(h["validation_mAP"] for h in training["history"]) == training["history"][training["best_epoch"]][
+        "validation_mAP"]  # fmt: skip
     assert {"name", "ap", "support", "threshold", "baseline_ap"} <= set(doc["candidate"]["per_label"][0])
     assert {"label_frequency_mAP", "all_negative_accuracy"} <= set(doc["baselines"])
     assert doc["champion"]["mAP"] == doc["candidate"]["mAP"] and doc["gate"]["deploy"] is True  # equal: not worse

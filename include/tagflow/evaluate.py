@@ -12,9 +12,16 @@ split wherever the next evaluation runs. Metrics are recomputed from cached scor
 model digest is the archive's sha256; the split digest is the sha256 tagflow recorded on val.rec (else its ETag).
 
 The document (`write_evaluation` puts it at `DATASET/output/JOB/evaluation/evaluation.json`):
-`candidate` (mAP, micro_mAP, F1s, accuracy, per_label: name, ap, support, threshold, f1, baseline_ap; `model`),
-`baselines`, `label_names`, `split`, `model`, `champion` (the same, or what is known of a model that cannot be
-scored on this split) and `gate` (tagflow.deploy.gate_by_evaluation).
+`candidate` (mAP: macro over the labels with >= 1 positive; micro_mAP; micro_f1/macro_f1 at the per-label
+F1-maximising thresholds and micro_f1_at_0.5/macro_f1_at_0.5; accuracy: Hamming accuracy at 0.5; per_label: name,
+ap, support, threshold, f1, baseline_ap; `model`; `training`: the model's per-epoch record from its metrics.json, None
+for a SageMaker built-in model, which writes none), `baselines` (label_frequency_mAP, label_frequency_micro_mAP,
+all_negative_accuracy), `label_names`, `split`, `model`, `champion` (the same, or what is known of a model that
+cannot be scored on this split) and `gate` (tagflow.deploy.gate_by_evaluation).
+
+Beside it `write_evaluation` puts the report a person reads (tagflow.report): `report.html`, one self-contained file,
+and the PNGs it embeds. It rereads what is not in the document: the candidate's scores from the cache, the
+manifest's label counts, and a sample of validation images from val.rec (ranged GETs through val.idx).
 """
 
 from __future__ import annotations
@@ -53,6 +60,7 @@ SCORES_FORMAT = 1  # bump when ic_eval's scores change meaning (preprocessing), 
 CACHE_FOLDER = "evaluation-cache"
 DEFAULT_BATCH_SIZE = 64
 MAX_EXTRACTED_BYTES = 4 * 1024**3  # as the endpoint's limit (algo/ic_serve.py)
+REPORT_NAME = "report.html"
 MODEL_FIELDS = ("mAP", "micro_mAP", "micro_f1", "macro_f1", "micro_f1_at_0.5", "macro_f1_at_0.5", "accuracy")
 
 
@@ -129,6 +137,8 @@ class Split:
             raise
         try:
             self.label_names = list(self.manifest["label_names"])
+            self.label_counts = {split: [int(counts[name]) for name in self.label_names]
+                                 for split, counts in self.manifest["label_counts"].items()}  # fmt: skip
             train_count = int(self.manifest["counts"]["train"])
             train_labels = self.manifest["label_counts"]["train"]
             self.frequency = [train_labels[name] / max(train_count, 1) for name in self.label_names]
@@ -137,6 +147,7 @@ class Split:
             raise InputError(
                 f"{manifest_uri}: missing or bad field {err} (expected the output of `tagflow pack`)"
             ) from None
+        self.rec_bytes = int(head["ContentLength"])
         self.etag = head["ETag"].strip('"')
         self.sha256 = head.get("Metadata", {}).get(s3.SHA256_METADATA_KEY)
         self.digest = self.sha256 or f"etag-{self.etag}"
@@ -184,6 +195,58 @@ def run_evaluator(python: Path, args: list[str]) -> tuple[int, list[str]]:
     return proc.returncode, list(tail)
 
 
+def cache_uri(dataset: s3.S3Uri, model_sha256: str, split_digest: str) -> s3.S3Uri:
+    """Where a model's scores on one split are cached (module docstring)."""
+    return dataset.join(CACHE_FOLDER, f"{model_sha256[:32]}-{split_digest[:40]}-v{SCORES_FORMAT}.npz")
+
+
+def put_scores(client: S3Client, uri: s3.S3Uri, info: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+    """Cache `arrays` (scores, labels, ids) and the model's description at `uri`, whole (one PUT)."""
+    buffer = io.BytesIO()
+    np.savez(buffer, model=np.array(json.dumps(info)), **arrays)
+    client.put_object(Bucket=uri.bucket, Key=uri.key, Body=buffer.getvalue())
+
+
+def read_scores(client: S3Client, uri: s3.S3Uri) -> dict[str, Any] | None:
+    """{"model": info, "scores", "labels", "ids"} cached at `uri`, or None when there is none."""
+    try:
+        body = client.get_object(Bucket=uri.bucket, Key=uri.key)["Body"].read()
+    except client.exceptions.NoSuchKey:
+        return None
+    with np.load(io.BytesIO(body)) as cached:
+        return {"model": json.loads(str(cached["model"])), "scores": cached["scores"], "labels": cached["labels"],
+                "ids": cached["ids"]}  # fmt: skip
+
+
+HISTORY_FIELDS = ("epoch", "train_accuracy", "validation_accuracy", "validation_mAP", "validation_micro_f1",
+                  "validation_macro_f1")  # fmt: skip
+
+
+def training_record(archive: Path) -> dict[str, Any] | None:
+    """The training curves the local trainer records in the model's metrics.json (`history`: one entry per epoch,
+    numbered as the log's Epoch[E]; `best_epoch`, `selected_by`), or None: SageMaker's built-in writes no
+    metrics.json, and a metrics.json without a history records no curve either."""
+    try:
+        with tarfile.open(archive) as tar:
+            member = next((m for m in tar if m.isfile() and m.name.lstrip("./") == "metrics.json"), None)
+            raw = tar.extractfile(member).read() if member is not None else None  # type: ignore[union-attr]
+    except (tarfile.TarError, EOFError, OSError):
+        return None  # an unreadable archive is reported by _extract, which names it
+    if raw is None:
+        return None
+    try:
+        metrics = json.loads(raw)
+        history = [{k: h[k] for k in HISTORY_FIELDS if isinstance(h.get(k), (int, float))}
+                   for h in metrics.get("history") or []]  # fmt: skip
+    except (ValueError, TypeError, AttributeError):
+        return None
+    if not history:
+        return None
+    best = metrics.get("best_epoch")
+    return {"history": history, "best_epoch": best if isinstance(best, int) else None,
+            "selected_by": metrics.get("selected_by")}  # fmt: skip
+
+
 def score(
     model_uri: str,
     split: Split,
@@ -199,18 +262,13 @@ def score(
     archive = work / f"{role}.tar.gz"
     _fetch(client, model_uri, archive, f"the {role} model")
     digest = s3.file_sha256(archive)
-    cache = split.dataset.join(CACHE_FOLDER, f"{digest[:32]}-{split.digest[:40]}-v{SCORES_FORMAT}.npz")
+    cache = cache_uri(split.dataset, digest, split.digest)
     model = {"uri": model_uri, "sha256": digest}
-    try:
-        body = client.get_object(Bucket=cache.bucket, Key=cache.key)["Body"].read()
-    except client.exceptions.NoSuchKey:
-        body = None
-    if body is not None:
-        with np.load(io.BytesIO(body)) as cached:
-            info = json.loads(str(cached["model"]))
-            log.info("%s model %s: scores on this split read from %s", role, model_uri, cache)
-            return {"model": {**model, **info, "cached": str(cache)}, "scores": cached["scores"],
-                    "labels": cached["labels"], "ids": cached["ids"]}  # fmt: skip
+    training = training_record(archive)
+    cached = read_scores(client, cache)
+    if cached is not None:
+        log.info("%s model %s: scores on this split read from %s", role, model_uri, cache)
+        return {**cached, "model": {**model, **cached["model"], "cached": str(cache)}, "training": training}
     model_dir, out = work / f"{role}-model", work / f"{role}-out"
     _extract(archive, model_dir, model_uri)
     rec, idx, frequency = split.files()
@@ -223,7 +281,7 @@ def score(
     if code != 0:
         problem = next((line.split(": ", 1)[1] for line in reversed(tail) if line.startswith("ClientError: ")), None)
         if code == 2 and info is not None and info["num_outputs"] != len(split.label_names):
-            return {"model": {**model, **info}, "problem": problem}
+            return {"model": {**model, **info}, "problem": problem, "training": training}
         if code == 2 and problem:
             raise InputError(f"the {role} model {model_uri} cannot be evaluated: {problem}")
         raise TagflowError(
@@ -231,10 +289,8 @@ def score(
         )
     assert info is not None
     arrays = {name: np.load(out / f"{name}.npy") for name in ("scores", "labels", "ids")}
-    buffer = io.BytesIO()
-    np.savez(buffer, model=np.array(json.dumps(info)), **arrays)
-    client.put_object(Bucket=cache.bucket, Key=cache.key, Body=buffer.getvalue())
-    return {"model": {**model, **info, "cached": None}, **arrays}
+    put_scores(client, cache, info, arrays)
+    return {"model": {**model, **info, "cached": None}, "training": training, **arrays}
 
 
 def section(scored: dict[str, Any], split: Split) -> dict[str, Any]:
@@ -243,7 +299,8 @@ def section(scored: dict[str, Any], split: Split) -> dict[str, Any]:
     names = info.get("label_names")
     if names is None and info["num_outputs"] == len(split.label_names):
         names = split.label_names  # the trainer did not record its labels: the dataset's are the model's
-    out: dict[str, Any] = {"model": info, "labels": info["num_outputs"], "label_names": names}
+    out: dict[str, Any] = {"model": info, "labels": info["num_outputs"], "label_names": names,
+                           "training": scored.get("training")}  # fmt: skip
     if "scores" not in scored:
         return {**out, "scored": False, "problem": scored.get("problem")}
     doc = metrics_module().evaluation(scored["scores"], scored["labels"], np.asarray(split.frequency))
@@ -281,15 +338,29 @@ def evaluate(
         work = Path(tmp)
         split = Split(client, dataset, work)
         common = {"client": client, "python": python, "batch_size": batch_size}
-        candidate = section(score(model_uri, split, work, role="candidate", **common), split)
-        if not candidate["scored"]:
+        candidate = score(model_uri, split, work, role="candidate", **common)
+        if "scores" not in candidate:
             raise InputError(
-                f"the candidate model {model_uri} has {candidate['labels']} outputs but the dataset {dataset} has "
-                f"{len(split.label_names)} labels: it was not trained on this dataset"
+                f"the candidate model {model_uri} has {candidate['model']['num_outputs']} outputs but the dataset "
+                f"{dataset} has {len(split.label_names)} labels: it was not trained on this dataset"
             )
-        champion = None
-        if champion_uri is not None:
-            champion = section(score(champion_uri, split, work, role="champion", **common), split)
+        champion = None if champion_uri is None else score(champion_uri, split, work, role="champion", **common)
+    return document(model_uri, split, candidate, champion, lift=lift, threshold=threshold, tolerance=tolerance)
+
+
+def document(
+    model_uri: str,
+    split: Split,
+    scored: dict[str, Any],
+    champion_scored: dict[str, Any] | None,
+    *,
+    lift: float = DEFAULT_LIFT,
+    threshold: float = DEFAULT_THRESHOLD,
+    tolerance: float = DEFAULT_TOLERANCE,
+) -> dict[str, Any]:
+    """The evaluation document (module docstring) of the candidate's and the champion's scores on `split`."""
+    candidate = section(scored, split)
+    champion = None if champion_scored is None else section(champion_scored, split)
     baselines = candidate.pop("baselines")
     if champion is not None:
         champion.pop("baselines", None)
@@ -298,7 +369,7 @@ def evaluate(
         tolerance=tolerance,
     )  # fmt: skip
     return {
-        "dataset": str(dataset),
+        "dataset": str(split.dataset),
         "split": split.describe(),
         "label_names": split.label_names,
         "model": {"uri": model_uri, "sha256": candidate["model"]["sha256"]},
@@ -318,12 +389,114 @@ def evaluation_uri(dataset_uri: str, job: str) -> s3.S3Uri:
                                                                              "evaluation.json")  # fmt: skip
 
 
-def write_evaluation(doc: dict[str, Any], dataset_uri: str, job: str, client: S3Client | None = None) -> str:
-    """Put `doc` at DATASET/output/JOB/evaluation/evaluation.json, whole (one PUT); returns its URI."""
+def report_uri(dataset_uri: str, job: str) -> s3.S3Uri:
+    """DATASET/output/JOB/evaluation/report.html, beside evaluation.json."""
+    return _beside(evaluation_uri(dataset_uri, job), REPORT_NAME)
+
+
+def _beside(uri: s3.S3Uri, name: str) -> s3.S3Uri:
+    return s3.S3Uri(uri.bucket, f"{uri.key.rsplit('/', 1)[0]}/{name}")
+
+
+def sample_images(client: S3Client, split: Split, ids: np.ndarray, count: int) -> list[dict[str, Any]]:
+    """`count` validation images evenly spaced over the split (file order), each {"position", "id", "labels",
+    "image"}: val.idx read whole, then one ranged GET of val.rec per record (a record runs from its offset to the
+    next one's), decoded by tagflow.recordio. The records must be the ones `ids` (the scores' rows) name."""
+    from tagflow.recordio import RecordReader, read_index, unpack_payload
+
+    if count < 1 or len(ids) == 0:
+        return []
+    with tempfile.TemporaryDirectory(prefix="tagflow-report-") as tmp:
+        idx = Path(tmp) / "val.idx"
+        s3.get_file(client, split.idx_uri, idx)
+        try:
+            ranked = sorted((offset, key) for key, offset in read_index(idx).items())
+        except ValueError as err:
+            raise InputError(f"{split.idx_uri}: {err}") from None
+        if [key for _, key in ranked] != [int(i) for i in ids]:
+            raise TagflowError(f"{split.idx_uri} does not list the images the evaluation scored: evaluate again")
+        positions = sorted({int(p) for p in np.linspace(0, len(ranked) - 1, min(count, len(ranked))).round()})
+        ends = [offset for offset, _ in ranked[1:]] + [split.rec_bytes]
+        rec = Path(tmp) / "sample.rec"
+        with rec.open("wb") as out:  # the chosen records back to back: a .rec file of their own
+            for p in positions:
+                got = client.get_object(Bucket=split.rec_uri.bucket, Key=split.rec_uri.key,
+                                        Range=f"bytes={ranked[p][0]}-{ends[p] - 1}")  # fmt: skip
+                out.write(got["Body"].read())
+        sample = []
+        try:
+            with RecordReader(rec) as reader:
+                for p, (_, payload) in zip(positions, reader, strict=True):
+                    header, labels, image = unpack_payload(payload)
+                    if header.id != ranked[p][1]:
+                        raise ValueError(f"record {p} has ID {header.id}, val.idx says {ranked[p][1]}")
+                    sample.append({"position": p, "id": int(header.id), "labels": labels, "image": image})
+        except ValueError as err:
+            raise InputError(f"{split.rec_uri}: {err}") from None
+    return sample
+
+
+def build_report(doc: dict[str, Any], dataset_uri: str, job: str, client: S3Client, *, thumbnails: int = 24
+                 ) -> dict[str, bytes]:  # fmt: skip
+    """The report's files (tagflow.report.render) for `doc`, from the candidate's cached scores, the manifest and
+    `thumbnails` validation images; refuses when the split changed since `doc` was computed."""
+    from tagflow import report
+
+    dataset = s3.S3Uri.parse(check_dataset_uri(dataset_uri, "--dataset"))
+    if doc.get("dataset") != str(dataset):
+        raise InputError(f"the evaluation is of the dataset {doc.get('dataset')}, not {dataset}")
+    with tempfile.TemporaryDirectory(prefix="tagflow-report-") as tmp:
+        split = Split(client, dataset, Path(tmp))
+    if split.digest != doc["split"]["digest"]:
+        raise TagflowError(
+            f"{split.rec_uri} changed since the evaluation (digest {split.digest[:16]}, evaluated "
+            f"{str(doc['split']['digest'])[:16]}): evaluate again before writing its report"
+        )
+    cache = cache_uri(dataset, doc["candidate"]["model"]["sha256"], split.digest)
+    scored = read_scores(client, cache)
+    if scored is None:
+        raise TagflowError(f"the candidate's scores {cache} are gone (deleted since the evaluation): evaluate again")
+    images = sample_images(client, split, scored["ids"], thumbnails)
+    return report.render(doc, scores=scored["scores"], labels=scored["labels"], label_counts=split.label_counts,
+                         images=images, job=job)  # fmt: skip
+
+
+def write_evaluation(
+    doc: dict[str, Any],
+    dataset_uri: str,
+    job: str,
+    client: S3Client | None = None,
+    *,
+    report: bool = True,
+    thumbnails: int = 24,
+) -> str:
+    """Put `doc` at DATASET/output/JOB/evaluation/evaluation.json, whole (one PUT), and beside it the report
+    (report.html and its PNGs; `report=False`: none); returns evaluation.json's URI.
+
+    Everything is rendered before anything is written, so a bad input writes nothing. Then, in this order: any
+    report.html of an earlier try is deleted, the PNGs put (stale ones deleted), evaluation.json put, report.html
+    put last: a report.html present is whole and shows the evaluation.json beside it, and one that failed
+    half-way leaves none (a retry writes all again). The HTML embeds its PNGs, so it never shows another try's."""
+    client = client or s3.make_client()
     uri = evaluation_uri(dataset_uri, job)
     data = (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode()
-    (client or s3.make_client()).put_object(
-        Bucket=uri.bucket, Key=uri.key, Body=data, ContentType="application/json",
-        Metadata={s3.SHA256_METADATA_KEY: hashlib.sha256(data).hexdigest()},
-    )  # fmt: skip
+    files = build_report(doc, dataset_uri, job, client, thumbnails=thumbnails) if report else {}
+    page = _beside(uri, REPORT_NAME)
+    client.delete_object(Bucket=page.bucket, Key=page.key)
+    for name, body in files.items():
+        if name != REPORT_NAME:
+            _put(client, _beside(uri, name), body, "image/png")
+    folder = uri.key.rsplit("/", 1)[0] + "/"
+    for key in s3.list_objects(client, s3.S3Uri(uri.bucket, folder)):
+        name = key.rsplit("/", 1)[-1]
+        if key.startswith(folder) and name.endswith(".png") and name not in files:
+            client.delete_object(Bucket=uri.bucket, Key=key)
+    _put(client, uri, data, "application/json")
+    if report:
+        _put(client, page, files[REPORT_NAME], "text/html; charset=utf-8")
     return str(uri)
+
+
+def _put(client: S3Client, uri: s3.S3Uri, data: bytes, content_type: str) -> None:
+    client.put_object(Bucket=uri.bucket, Key=uri.key, Body=data, ContentType=content_type,
+                      Metadata={s3.SHA256_METADATA_KEY: hashlib.sha256(data).hexdigest()})  # fmt: skip
