@@ -14,7 +14,10 @@ Routes (stdlib ThreadingHTTPServer, HTTP/1.1 keep-alive):
 - `GET /health`: 200 `{"name", "loaded", "source"}` as soon as the server listens, with or without a model.
 - `GET /ping`: 200 once a model is loaded, 503 before (the container contract).
 - `POST /invocations`: one image (`image/jpeg`, `image/png`, `application/x-image`) → JSON array of `num_classes`
-  probabilities (sigmoid per label for multi-label models, softmax otherwise). 503 without a model, 415 for other
+  probabilities (sigmoid per label for multi-label models, softmax otherwise), the built-in's answer whatever the
+  `Accept` header says, except `Accept: application/json; verbose=true` (LABELS_ACCEPT): then
+  `{"labels": [names of the labels whose probability >= their threshold], "probabilities": [...]}`, with the
+  thresholds loaded with the model (406 saying why when it has none). 503 without a model, 415 for other
   content types, 413 over `--max-bytes` or `--max-pixels`, 400 for empty or undecodable bodies, 408 for a body
   not received in time; errors are JSON `{"message": ...}` and never stop the server.
 - `POST /endpoints/NAME/invocations`: the SageMaker Runtime InvokeEndpoint route (what botocore's
@@ -25,13 +28,20 @@ Routes (stdlib ThreadingHTTPServer, HTTP/1.1 keep-alive):
 - `GET /metadata`: model folder, source, load time, shape, the params file and how it was chosen, and what the
   model's metrics.json says (`multi_label`, `saved_epoch`, `selected_by`, `label_names`, and the whole file as
   `metrics`: a deploy gate reads the objective here); each is null for a model without metrics.json (the
-  built-in's); 503 without a model.
-- `POST /admin/load` `{"model_url": URL, "source": "s3://…", "name": NAME}`: fetch a model.tar.gz from URL, extract
+  built-in's); the archive's `sha256`; `thresholds` (`{"evaluation", "model_sha256", "label_names",
+  "thresholds"}`, or null) and `thresholds_problem` (why there are none, or null); 503 without a model.
+- `POST /admin/load` `{"model_url": URL, "source": "s3://…", "name": NAME, "thresholds": {...},
+  "thresholds_problem": "…"}`: fetch a model.tar.gz from URL, extract
   it into a new folder under `--work-dir`, load and warm it completely, then swap one reference: requests already
   running finish on the old model, none is dropped, and the old model's folder is deleted. `source` is what /health
   and /metadata report (default: the URL without its query); `name`, when given, is the endpoint's name from then
   on. Any failure answers JSON `{"message": ...}` (400 bad request, 403 not authorized or a source not accepted,
   413 too large, 422 not a model, 502/504 the download failed) and the old model keeps serving. One load at a time.
+  `thresholds` are the model's per-label thresholds as the loader found them recorded (tagflow.thresholds, which
+  checked the evaluation describes this archive; the loader reads S3 with its own credentials, this server has
+  none): they are kept with the model only when their `model_sha256` is the sha256 of the archive fetched and
+  there is one per output, else the model serves without and `thresholds_problem` says why. `thresholds_problem`
+  alone is the loader's reason there are none (no evaluation recorded, another model's).
 
 Model sources: only what tagflow itself produces. An S3 presigned GET URL (SigV4: `X-Amz-Signature` in the query)
 on an origin given by `--s3-endpoint` (the local S3 server; scheme, host and port must match) or on an AWS S3 host
@@ -78,6 +88,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gzip
+import hashlib
 import hmac
 import io
 import ipaddress
@@ -129,6 +140,7 @@ VARIANT = "AllTraffic"
 ACCOUNT = "000000000000"
 NO_MODEL = "no model is loaded yet"
 MODEL_MEMBERS = (f"{MODEL_PREFIX}-symbol.json", "model-shapes.json")
+LABELS_ACCEPT = "application/json; verbose=true"  # the Accept value that asks /invocations for labels
 MAX_ARCHIVE_BYTES = 2 * 1024**3  # a model.tar.gz larger than this is refused (413) before or while downloading
 MAX_EXTRACTED_BYTES = 4 * 1024**3  # and so is one whose members add up to more (a gzip bomb)
 DOWNLOAD_SOCKET_TIMEOUT_S = 60  # no byte from the model's server for this long fails the load
@@ -330,6 +342,42 @@ def admin_refusal(token: str, authorization: str) -> str | None:
     return None
 
 
+def wants_labels(accept: str) -> bool:
+    """True when an Accept header asks /invocations for labels: `application/json` with `verbose=true`
+    (LABELS_ACCEPT; spaces and case aside, among other media ranges). Any other Accept gets the built-in's array."""
+    for item in accept.split(","):
+        media, *params = (part.strip().lower().replace(" ", "") for part in item.split(";"))
+        if media == "application/json" and "verbose=true" in params:
+            return True
+    return False
+
+
+def offered_thresholds(value: object) -> dict | None:
+    """The `thresholds` of a load request, checked for shape (TypeError/ValueError say what is wrong: a 400)."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise TypeError(f"thresholds is a JSON {type(value).__name__}; expected an object")
+    evaluation, sha, names, cuts = (value.get(k) for k in ("evaluation", "model_sha256", "label_names", "thresholds"))
+    if not isinstance(evaluation, str) or not isinstance(sha, str):
+        raise TypeError("thresholds.evaluation and thresholds.model_sha256 are strings")
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise TypeError("thresholds.label_names is a list of strings")
+    if not isinstance(cuts, list) or not all(isinstance(t, int | float) and not isinstance(t, bool) for t in cuts):
+        raise TypeError("thresholds.thresholds is a list of numbers")
+    if len(names) != len(cuts):
+        raise ValueError(f"thresholds has {len(names)} label names for {len(cuts)} thresholds; expected one each")
+    return {"evaluation": evaluation, "model_sha256": sha, "label_names": names, "thresholds": [float(t) for t in cuts]}
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while block := fh.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def _params_file(model_dir: Path, metrics: dict) -> Path:
     named = metrics.get("params_file")
     if named:
@@ -380,7 +428,36 @@ class Model:
         self.num_classes = int(executor.outputs[0].shape[1])
         self.workers = max(1, workers)
         self.loaded_at = datetime.now(UTC).isoformat(timespec="seconds")
+        self.sha256: str | None = None  # the archive's, set by Server.load
+        self.thresholds: dict | None = None  # see attach_thresholds
+        self.thresholds_problem: str | None = "no thresholds were given with this model"
         self.predict(np.zeros((self.channels, self.height, self.width), np.float32))  # warm up before serving
+
+    def attach_thresholds(self, offered: dict | None, problem: str | None) -> None:
+        """Keep the loader's per-label thresholds when they were chosen for this archive (its sha256) and number
+        one per output; otherwise keep none and say why (`problem`: the loader's reason it sent none)."""
+        if offered is None:
+            problem = problem or self.thresholds_problem
+        elif offered["model_sha256"] != self.sha256:
+            problem = (
+                f"{offered['evaluation']} describes the archive with sha256 {offered['model_sha256']}, but the one "
+                f"fetched from {self.source} has sha256 {self.sha256} (it changed after the loader checked it)"
+            )
+        elif len(offered["thresholds"]) != self.num_classes:
+            problem = (
+                f"{offered['evaluation']} has {len(offered['thresholds'])} thresholds, but the model has "
+                f"{self.num_classes} outputs"
+            )
+        else:
+            problem = None
+        self.thresholds, self.thresholds_problem = (offered if problem is None else None), problem
+
+    def labels(self, probs: list[float]) -> dict:
+        """The labels answer: the names of the labels whose probability is >= their threshold, and every
+        probability (the built-in's array)."""
+        assert self.thresholds is not None
+        names, cuts = self.thresholds["label_names"], self.thresholds["thresholds"]
+        return {"labels": [n for n, p, t in zip(names, probs, cuts, strict=True) if p >= t], "probabilities": probs}
 
     def _resized(self, w: int, h: int) -> tuple[int, int]:
         """The size an image of w x h is resized to before the centre crop (its shorter side to `resize`)."""
@@ -469,6 +546,9 @@ class Model:
             "selected_by": self.metrics.get("selected_by"),
             "label_names": self.metrics.get("label_names"),
             "metrics": self.metrics if known else None,
+            "sha256": self.sha256,
+            "thresholds": self.thresholds,
+            "thresholds_problem": self.thresholds_problem,
         }
 
 
@@ -626,9 +706,17 @@ class Server(ThreadingHTTPServer):
         else:
             log.exception("connection from %s failed", client_address[0])
 
-    def load(self, url: str, source: str, name: str | None = None) -> Model:
-        """Fetch, extract, load and warm the model at `url`, then serve it (as `name`, when given); RequestError
-        says what went wrong, and the current model keeps serving."""
+    def load(
+        self,
+        url: str,
+        source: str,
+        name: str | None = None,
+        thresholds: dict | None = None,
+        thresholds_problem: str | None = None,
+    ) -> Model:
+        """Fetch, extract, load and warm the model at `url`, then serve it (as `name`, when given) with its
+        `thresholds` (Model.attach_thresholds); RequestError says what went wrong, and the current model keeps
+        serving."""
         with self.swap_lock:
             log.info("loading %s", source)
             folder = Path(tempfile.mkdtemp(prefix="model-", dir=self.work_dir))
@@ -642,12 +730,15 @@ class Server(ThreadingHTTPServer):
                     log.info("downloaded %s (%d bytes)", source, size)
                     archive = download_to
                 extract(archive, folder, source)
+                digest = file_sha256(archive)
                 try:
                     model = Model(folder, source, self.workers, self.limits.max_pixels)
                 except Exception as err:
                     raise RequestError(
                         HTTPStatus.UNPROCESSABLE_ENTITY, f"{source}: cannot load the model: {type(err).__name__}: {err}"
                     ) from err
+                model.sha256 = digest
+                model.attach_thresholds(thresholds, thresholds_problem)
             except BaseException:
                 shutil.rmtree(folder, ignore_errors=True)
                 raise
@@ -658,8 +749,10 @@ class Server(ThreadingHTTPServer):
             if name:
                 self.endpoint_name = name
         log.info(
-            "endpoint %s serves %s (%s, %d classes)%s", self.endpoint_name, model.source, model.params_file.name,
-            model.num_classes, f", replacing {previous.source}" if previous else "",
+            "endpoint %s serves %s (%s, %d classes; thresholds: %s)%s", self.endpoint_name, model.source,
+            model.params_file.name, model.num_classes,
+            (model.thresholds or {}).get("evaluation") or f"none, {model.thresholds_problem}",
+            f", replacing {previous.source}" if previous else "",
         )  # fmt: skip
         if previous_folder:  # the old model lives on in memory until its last request ends
             shutil.rmtree(previous_folder, ignore_errors=True)
@@ -777,8 +870,9 @@ class Handler(BaseHTTPRequestHandler):
             raise RequestError(HTTPStatus.BAD_REQUEST, f"the body ended after {len(body)} of {length} bytes")
         return body
 
-    def _invoke(self) -> list[float]:
-        """Run one /invocations request against the current model; RequestError says what was wrong."""
+    def _invoke(self) -> list[float] | dict:
+        """Run one /invocations request against the current model: the probabilities, or the labels answer when
+        the Accept header asks for it (`wants_labels`); RequestError says what was wrong."""
         body = self._read_body()
         model = self.server.model  # one reference for the whole request: a swap now does not affect it
         if model is None:
@@ -792,7 +886,15 @@ class Handler(BaseHTTPRequestHandler):
             )
         if not body:
             raise RequestError(HTTPStatus.BAD_REQUEST, "the body is empty; expected one image")
-        return model.predict(model.preprocess(body))
+        labels = wants_labels(self.headers.get("Accept", ""))
+        if labels and model.thresholds is None:
+            raise RequestError(
+                HTTPStatus.NOT_ACCEPTABLE,
+                f"Accept {LABELS_ACCEPT!r} asks for the labels above their thresholds, but {model.source} has no "
+                f"thresholds: {model.thresholds_problem}; ask without it for the probabilities",
+            )
+        probs = model.predict(model.preprocess(body))
+        return model.labels(probs) if labels else probs
 
     def do_GET(self) -> None:
         model = self.server.model
@@ -884,8 +986,10 @@ class Handler(BaseHTTPRequestHandler):
                 raise TypeError(f"the body is a JSON {type(request).__name__}")
             url = request["model_url"]
             source, name = request.get("source"), request.get("name")
-            if not isinstance(url, str) or not isinstance(source, str | None) or not isinstance(name, str | None):
-                raise TypeError("model_url, source and name are strings")
+            problem_text = request.get("thresholds_problem")
+            if not all(isinstance(v, str | None) for v in (source, name, problem_text)) or not isinstance(url, str):
+                raise TypeError("model_url, source, name and thresholds_problem are strings")
+            thresholds = offered_thresholds(request.get("thresholds"))
         except RequestError as err:  # the body itself: too large, late, cut short
             self._json(err.status, {"message": str(err)})
             return
@@ -902,7 +1006,7 @@ class Handler(BaseHTTPRequestHandler):
             self._json(problem[0], {"message": problem[1]})
             return
         try:
-            model = self.server.load(url, source or shown_url(url), name)
+            model = self.server.load(url, source or shown_url(url), name, thresholds, problem_text)
         except RequestError as err:  # the old model keeps serving
             log.warning("load refused (%d): %s", err.status, err)
             self._json(err.status, {"message": str(err)})

@@ -117,33 +117,42 @@ def test_train_serve_predict_session(dataset, tmp_path):
         data, ext, _ = demo.render_design(5, seed=99)
         image = image.with_suffix(f".{ext}")
         image.write_bytes(data)
+        # No evaluation was written beside this model: no per-label thresholds, and predict says so (never 0.5).
+        refused = tagflow("predict", str(image), "--name", "cli-ep", env=env)
+        assert refused.returncode == 2 and "Traceback" not in refused.stderr
+        assert f"serves {model} without recorded thresholds: no evaluation is recorded for {model}" in refused.stderr
+        assert "give --threshold X" in refused.stderr
         predicted = tagflow(
             "predict",
             str(image),
             "--name",
             "cli-ep",
-            "--top-k",
-            "3",
+            "--threshold",
+            "0.3",
             "--labels",
             f"{uri}/training/manifest.json",
             "--json",
             env=env,
         )
         assert predicted.returncode == 0, predicted.stderr[-3000:]
-        top = json.loads(predicted.stdout)["predictions"][0]["top"]
-        assert len(top) == 3 and all(t["label"] in demo.LABEL_NAMES for t in top)
-        assert top[0]["probability"] >= top[1]["probability"] >= top[2]["probability"]
+        answer = json.loads(predicted.stdout)
+        assert answer["thresholds_from"] == "--threshold 0.3"
+        (prediction,) = answer["predictions"]
+        probabilities = prediction["probabilities"]
+        assert len(probabilities) == demo.NUM_LABELS and all(0 <= p <= 1 for p in probabilities)
+        assert prediction["labels"] == [n for n, p in zip(demo.LABEL_NAMES, probabilities, strict=True) if p >= 0.3]
         # --dataset reads the names from the dataset's training/manifest.json: the same answer.
-        by_dataset = tagflow("predict", str(image), "--name", "cli-ep", "--top-k", "3", "--dataset", uri, "--json",
-                             env=env)  # fmt: skip
+        by_dataset = tagflow("predict", str(image), "--name", "cli-ep", "--threshold", "0.3", "--dataset", uri,
+                             "--json", env=env)  # fmt: skip
         assert by_dataset.returncode == 0, by_dataset.stderr[-3000:]
         answer = json.loads(by_dataset.stdout)
-        assert answer["predictions"][0]["top"] == top
+        assert answer["predictions"][0]["labels"] == prediction["labels"]
         assert answer["label_names_from"] == f"{uri}/training/manifest.json"
         # The channel is the .rec file's prefix, so the model recorded no names: numbered ones, and said so.
-        plain = json.loads(tagflow("predict", str(image), "--name", "cli-ep", "--json", env=env).stdout)
+        plain = json.loads(tagflow("predict", str(image), "--name", "cli-ep", "--threshold", "0", "--json",
+                                   env=env).stdout)  # fmt: skip
         assert plain["label_names_from"] == "numbered names"
-        assert all(t["label"].startswith("label_") for t in plain["predictions"][0]["top"])
+        assert plain["predictions"][0]["labels"] == [f"label_{i}" for i in range(demo.NUM_LABELS)]
         both = tagflow("predict", str(image), "--name", "cli-ep", "--dataset", uri, "--labels", "x.txt", env=env)
         assert both.returncode == 2 and "at most one of --labels and --dataset" in both.stderr
         assert tagflow("serve", "status", "--name", "cli-ep", env=env).returncode == 0

@@ -519,6 +519,23 @@ EndpointName = Annotated[
 ]
 
 
+def _thresholds_state(meta: dict | None) -> dict[str, Any]:
+    """Where the served model's thresholds came from (its evaluation), or why it has none; {} without a model."""
+    if meta is None:
+        return {}
+    return {"thresholds_from": (meta.get("thresholds") or {}).get("evaluation"),
+            "thresholds_problem": meta.get("thresholds_problem")}  # fmt: skip
+
+
+def _thresholds_note(meta: dict | None) -> str:
+    state = _thresholds_state(meta)
+    if not state:
+        return ""
+    if state["thresholds_from"]:
+        return f"\n  per-label thresholds from {state['thresholds_from']}"
+    return f"\n  no per-label thresholds ({state['thresholds_problem']}): predict needs --threshold"
+
+
 def _endpoint_token() -> str | None:
     """The endpoint's admin token from the environment: given to servers `serve start` runs, sent by `serve swap`."""
     from tagflow.local.endpoint import TOKEN_ENV
@@ -572,7 +589,12 @@ def serve_start(
         max_connections=max_connections,
     )
     serving = f"serving {info.model_source}" if info.model_source else "with no model yet"
-    _emit(as_json, asdict(info), f"endpoint {info.name} at {info.url} {serving} (pid {info.pid})")
+    meta = endpoint.metadata(info) if info.model_source else None
+    _emit(
+        as_json,
+        {**asdict(info), **_thresholds_state(meta)},
+        f"endpoint {info.name} at {info.url} {serving} (pid {info.pid}){_thresholds_note(meta)}",
+    )
 
 
 @serve_app.command("swap")
@@ -588,7 +610,7 @@ def serve_swap(
     if endpoint.status(state) is None:
         raise TagflowError(f"no endpoint named {name!r} is running (tagflow serve start MODEL --name {name})")
     info = endpoint.swap(state, model, token=_endpoint_token())
-    typer.echo(f"endpoint {info.name} now serves {info.model_source}")
+    typer.echo(f"endpoint {info.name} now serves {info.model_source}{_thresholds_note(endpoint.metadata(info))}")
 
 
 @serve_app.command("stop")
@@ -611,7 +633,12 @@ def serve_status(name: EndpointName = "tagflow", as_json: JsonFlag = False) -> N
         _emit(as_json, {"running": False}, "not running")
         raise typer.Exit(1)
     serving = f"serving {info.model_source}" if info.model_source else "with no model yet"
-    _emit(as_json, {"running": True, **asdict(info)}, f"{info.name} at {info.url} {serving}")
+    meta = endpoint.metadata(info) if info.model_source else None
+    _emit(
+        as_json,
+        {"running": True, **asdict(info), **_thresholds_state(meta)},
+        f"{info.name} at {info.url} {serving}{_thresholds_note(meta)}",
+    )
 
 
 @app.command()
@@ -625,13 +652,26 @@ def predict(
         str | None,
         typer.Option(help="s3://BUCKET/PREFIX of the packed dataset: names from its training/manifest.json."),
     ] = None,
-    top_k: Annotated[int, typer.Option(min=1, help="Labels to show per image.")] = 5,
+    threshold: Annotated[
+        float | None,
+        typer.Option(
+            min=0.0,
+            max=1.0,
+            help="Predict a label at probability >= this, for every label (default: the per-label thresholds "
+            "recorded with the served model's evaluation).",
+        ),
+    ] = None,
     as_json: JsonFlag = False,
 ) -> None:
-    """Top-k labels for each image from the running endpoint, through boto3's sagemaker-runtime client.
+    """The labels of each image from the running endpoint (through boto3's sagemaker-runtime client): those whose
+    probability is at or above their threshold, with the probabilities (`--json`: {"labels", "probabilities"}
+    per image, as the endpoint's labels answer).
 
-    Label names: --labels, else the --dataset's manifest, else the names the served model recorded (its
-    metrics.json's `label_names`, shown at /metadata), else numbered names (label_0, …)."""
+    Thresholds: the per-label ones the endpoint loaded with its model (the F1-maximising thresholds of the evaluation
+    beside it; `serve status` names it), else --threshold X for every label; a model without recorded thresholds
+    needs --threshold, never a silent 0.5. Label names: --labels, else the --dataset's manifest, else the names the
+    served model recorded (its metrics.json's, else its evaluation's), else numbered names (label_0, …)."""
+    from tagflow import thresholds as recorded_thresholds
     from tagflow.errors import InputError, TagflowError
     from tagflow.local import endpoint
     from tagflow.names import check_dataset_uri
@@ -645,10 +685,22 @@ def predict(
     info = endpoint.status(endpoint.default_state_dir(name))
     if info is None:
         raise TagflowError(f"no endpoint named {name!r} is running (tagflow serve start MODEL --name {name})")
-    recorded = (endpoint.metadata(info) or {}).get("label_names")  # None for a model that recorded none
+    meta = endpoint.metadata(info)
+    if meta is None:
+        raise TagflowError(f"endpoint {name!r} has no model yet (tagflow serve swap MODEL --name {name})")
+    loaded = meta.get("thresholds")  # what the endpoint loaded with the model, checked against its sha256
+    if threshold is None and loaded is None:
+        raise InputError(
+            f"endpoint {name!r} serves {meta['source']} without recorded thresholds: {meta.get('thresholds_problem')}"
+            "; give --threshold X to predict every label at probability >= X"
+        )
+    thresholds_from = f"--threshold {threshold}" if threshold is not None else loaded["evaluation"]
+    recorded, recorded_from = meta.get("label_names"), "the model's recorded names"
+    if not recorded and loaded:
+        recorded, recorded_from = loaded["label_names"], f"the label names of its evaluation {loaded['evaluation']}"
     results, lines = [], []
     names: list[str] | None = None
-    source = labels or ("the model's recorded names" if recorded else "numbered names")
+    source = labels or (recorded_from if recorded else "numbered names")
     for image in images:
         if not image.is_file():
             raise InputError(f"{image}: no such file")
@@ -666,13 +718,17 @@ def predict(
                 i = next((i for i, (a, b) in enumerate(zip(recorded, names, strict=True)) if a != b), 0)
                 raise InputError(
                     f"{labels}: label {i} is {names[i]!r}, but the served model was trained with {recorded[i]!r} "
-                    "there (its recorded label names differ)"
+                    f"there ({recorded_from} differ)"
                 )
-        ranked = sorted(range(len(probabilities)), key=lambda i: -probabilities[i])[:top_k]
-        top = [{"label": names[i], "probability": round(probabilities[i], 4)} for i in ranked]
-        results.append({"image": str(image), "top": top})
-        lines.append(f"{image}: " + ", ".join(f"{t['label']} {t['probability']:.2f}" for t in top))
-    _emit(as_json, {"endpoint": info.name, "label_names_from": source, "predictions": results}, "\n".join(lines))
+            cuts = [threshold] * len(names) if threshold is not None else loaded["thresholds"]
+        chosen = recorded_thresholds.above(probabilities, cuts)
+        results.append({"image": str(image), "labels": [names[i] for i in chosen], "probabilities": probabilities})
+        shown = sorted(chosen, key=lambda i: -probabilities[i])
+        said = ", ".join(f"{names[i]} {probabilities[i]:.2f}" for i in shown) or "no label at or above its threshold"
+        lines.append(f"{image}: {said}")
+    summary = {"endpoint": info.name, "model": meta["source"], "label_names_from": source,
+               "thresholds_from": thresholds_from, "predictions": results}  # fmt: skip
+    _emit(as_json, summary, "\n".join(lines))
 
 
 @app.command()

@@ -19,6 +19,14 @@ it. `stop` and `status` (and the CLI's `swap`) find that server again by its sta
     STATE/incoming/       the server's --model-root: a local model.tar.gz is copied here for the server to load,
                           then removed (the server loads local archives from this folder only)
 
+A model's per-label thresholds travel with it: `load` looks for the evaluation recorded beside an s3:// model
+(tagflow.thresholds.recorded: PREFIX/output/JOB/evaluation/evaluation.json, checked to describe this archive by its
+sha256) and hands them to the server with the model, or the reason there are none. The loader does this, not the
+server, because the loader holds the S3 credentials (the server only ever gets one presigned URL, for the model);
+the server keeps them only if the archive it fetched has the sha256 they were chosen for. `/invocations` with
+`Accept: application/json; verbose=true` then answers `{"labels": [...], "probabilities": [...]}`; `/metadata` says
+which evaluation the thresholds came from (`thresholds`) or why there are none (`thresholds_problem`).
+
 Every file under STATE is the user's only (0600, folders 0700). The name is checked (`tagflow.names`) before any of
 it is touched. The server's limits (body bytes, image pixels, idle and read timeouts, connections) are `start`'s
 keyword arguments, defaulting to the server's own (algo/ic_serve.py's docstring says which and why).
@@ -212,7 +220,9 @@ def load(
     `s3://` URI, presigned with `client`; a local path, for an EndpointInfo; or an S3 presigned URL), renamed `name`
     when given. The server loads and warms the new model before switching, so no request is dropped; on any failure
     the old model keeps serving. `token` is the server's admin token, sent as a bearer token; by default, for an
-    EndpointInfo, the one kept in its state folder. Returns the server's /metadata for the new model.
+    EndpointInfo, the one kept in its state folder. The thresholds recorded for the model go with it (module
+    docstring); a model without them, or whose evaluation describes another archive, serves without, and the answer
+    says why (`thresholds_problem`). Returns the server's /metadata for the new model.
 
     InputError when the archive is no model, the request is wrong or the token is refused (retrying cannot help);
     TagflowError for anything else (unreachable, download failed), naming the endpoint, the model and the reason."""
@@ -225,12 +235,28 @@ def load(
     model_uri = str(model_uri)
     # `source` is shown by /health and /metadata and logged: never a URL's query (a presigned URL's signature)
     source = model_uri.split("?", 1)[0] if model_uri.startswith(("http://", "https://")) else model_uri
+    request = {"model_url": "", "source": source, "name": name, **_thresholds_of(source, client)}
     model_url, copy = _model_url(model_uri, client, state_dir and state_dir / "incoming")
     try:
-        return _post_load(url, {"model_url": model_url, "source": source, "name": name}, token)
+        return _post_load(url, {**request, "model_url": model_url}, token)
     finally:
         if copy is not None:
             copy.unlink(missing_ok=True)
+
+
+def _thresholds_of(model_uri: str, client: s3.S3Client | None) -> dict:
+    """The load request's `thresholds` for `model_uri` (tagflow.thresholds.recorded), or its `thresholds_problem`:
+    why there are none (no evaluation beside it, or one of another archive: the model still serves, without)."""
+    from tagflow import thresholds
+
+    try:
+        return {"thresholds": thresholds.recorded(model_uri, client=client).to_dict()}
+    except thresholds.NoEvaluation as err:
+        log.info("%s", err)
+        return {"thresholds_problem": str(err)}
+    except InputError as err:  # another archive's evaluation, or one tagflow cannot read
+        log.warning("%s: serving it without thresholds", err)
+        return {"thresholds_problem": str(err)}
 
 
 def _post_load(url: str, request: dict, token: str | None) -> dict:
