@@ -189,6 +189,7 @@ def distribution_figure(names: Sequence[str], label_counts: dict[str, Sequence[i
     """Images per label in train and validation: bars by label up to FULL_CHART_LABELS labels, else every label as
     a point, ranked by its training count (log scale; the table has the names)."""
     import matplotlib
+    import matplotlib.ticker
 
     train = np.asarray(label_counts.get("train", [0] * len(names)), np.int64)
     val = np.asarray(label_counts.get("val", [0] * len(names)), np.int64)
@@ -210,6 +211,9 @@ def distribution_figure(names: Sequence[str], label_counts: dict[str, Sequence[i
             ax.plot(rank, np.maximum(train[order], 0.8), color=COLORS["train"], label="train")
             ax.plot(rank, np.maximum(val[order], 0.8), ".", markersize=3, color=COLORS["val"], label="validation")
             ax.set_yscale("log")
+            # plain tick labels: the default log formatter writes mathtext, which STYLE turns off for label names
+            ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
             ax.set_xlabel(f"label, ranked by its training count (1 … {len(names)})")
             ax.set_ylabel("images with the label")
         ax.set_title("label distribution")
@@ -271,7 +275,7 @@ def _gate_html(doc: dict[str, Any]) -> str:
         f'<section id="gate"><h2>The gate\'s decision</h2>'
         f'<p id="gate-decision" class="{"deploy" if gate["deploy"] else "keep"}" data-deploy='
         f'"{str(bool(gate["deploy"])).lower()}"><strong>Decision: {_e(decision)}.</strong></p>'
-        f'<p id="gate-reason">Why: {_e(gate["reason"])}.</p>'
+        f'<p id="gate-reason">Why: {_e(str(gate["reason"]).rstrip("."))}.</p>'
         f'<p class="rule">The rule: deploy only if the candidate has the serving model\'s labels (count and names), '
         f"its {_e(rule.get('metric', 'mAP'))} is at least {_e(lift)} × the label-frequency "
         f"baseline's {_num(baseline)}{_e(bar)} and at least {_num(rule.get('threshold'))}, and it is not worse than "
