@@ -236,3 +236,32 @@ def test_labels_are_learnable_from_pixels(designs):
     )
     brier_s = ((np.clip(x[n_train:] @ w_s + prior_s, 0, 1) - shuffled[n_train:]) ** 2).mean(0)
     assert (brier_s < ((prior_s - shuffled[n_train:]) ** 2).mean(0)).sum() < 15
+
+
+def test_the_demo_summary_shows_map_the_baselines_the_champion_the_gates_reason_and_where_the_report_is():
+    from tagflow.local import demo_run
+
+    gate = {
+        "deploy": False,
+        "reason": "mAP 0.3000 is worse than the serving model's 0.3500 on the same split (tolerance 0.0000)",
+        "mAP": 0.3,
+        "accuracy": 0.86,
+        "baselines": {"label_frequency_mAP": 0.12, "all_negative_accuracy": 0.81},
+        "champion": "s3://tagflow-data/50-label-rs96/output/old/output/model.tar.gz",
+        "champion_mAP": 0.35,
+        "candidate": {"model_data_url": "s3://tagflow-data/50-label-rs96/output/new/output/model.tar.gz"},
+        "evaluation": "s3://tagflow-data/50-label-rs96/output/new/evaluation/evaluation.json",
+        "report": "s3://tagflow-data/50-label-rs96/output/new/evaluation/report.html",
+    }
+    publish = {"dataset": "s3://tagflow-data/50-label-rs96",
+               "counts": {"train": 9, "val": 1, "skipped": 0, "listed": 10}}  # fmt: skip
+    result = {"run_id": "r", "state": "success", "tasks": {"publish": "success"},
+              "results": {"publish": publish, "evaluate_gate": gate}, "prediction": None}  # fmt: skip
+    text = demo_run.describe(result)
+    assert "  mAP 0.3000 (label-frequency baseline 0.1200); accuracy 0.8600 (all-negative baseline 0.8100)" in text
+    assert f"  the serving model's mAP on the same split: 0.3500 ({gate['champion']})" in text
+    assert f"gate: kept the serving model — {gate['reason']}" in text
+    assert f"evaluation {gate['evaluation']}\n  report {gate['report']}" in text
+    first = demo_run.describe({**result, "results": {**result["results"],
+                                                     "evaluate_gate": {**gate, "champion": None}}})  # fmt: skip
+    assert "  no serving model to compare with" in first

@@ -3,14 +3,16 @@
 Starts the local services (S3 server, empty endpoint), publishes the synthetic demo designs as the
 `50-label-rs96` preset expects them (images under s3://tagflow-raw/designs/images, the list as the date partition
 `lists/dt=2026-01-01/part.lst`), runs the DAG with `dag.test` (SQLite, every task in one process), then reads
-back what a user would look at: the dataset, the model's metrics and the gate's decision, and one prediction
-fetched from the endpoint with boto3's sagemaker-runtime client.
+back what a user would look at: the dataset, the model's evaluation (macro mAP beside the label-frequency baseline,
+the serving model's mAP on the same split), the gate's decision and where the evaluation and its report are, and
+one prediction fetched from the endpoint with boto3's sagemaker-runtime client.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import date
 from typing import Any
 
@@ -60,12 +62,13 @@ def _run(count: int, say: Callable[[str], None]) -> dict[str, Any]:
         raise TagflowError(f"the DAG run {result['run_id']} {result['state']}: failed tasks {failed}; see {log_file}")
 
     dataset_uri = result["results"]["publish"]["dataset"]
-    if not endpoint.health(running.endpoint.url)["loaded"]:  # the gate refused the only model there is
+    served = endpoint.health(running.endpoint.url)  # a deploy names the endpoint as the form did
+    if not served["loaded"]:  # the gate refused the only model there is
         result["prediction"] = None
         result["seconds"] = {k: round(v, 1) for k, v in timings.items()}
         return result
     image_id, image = deploy.smoke_image(dataset_uri, client)
-    probabilities = endpoint.invoke(running.endpoint, image)
+    probabilities = endpoint.invoke(replace(running.endpoint, name=served["name"]), image)
     manifest = jobs.read_manifest(dataset_uri, client)
     names = manifest.get("label_names") or [f"label_{i}" for i in range(len(probabilities))]
     top = sorted(range(len(probabilities)), key=lambda i: -probabilities[i])[:5]
@@ -87,6 +90,26 @@ def _true_labels(manifest: dict[str, Any], image_id: int) -> list[str] | None:
     return [names[i] for i, on in enumerate(labels.tolist()) if on]
 
 
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def _evaluation_lines(gate: dict[str, Any]) -> list[str]:
+    """The evaluation's figures: the candidate's macro mAP and accuracy beside their baselines, and the serving
+    model's mAP on the same validation split."""
+    baselines = gate.get("baselines") or {}
+    champion = (
+        f"the serving model's mAP on the same split: {_fmt(gate['champion_mAP'])} ({gate['champion']})"
+        if gate.get("champion")
+        else "no serving model to compare with"
+    )
+    return [
+        f"  mAP {_fmt(gate.get('mAP'))} (label-frequency baseline {_fmt(baselines.get('label_frequency_mAP'))}); "
+        f"accuracy {_fmt(gate.get('accuracy'))} (all-negative baseline {_fmt(baselines.get('all_negative_accuracy'))})",
+        f"  {champion}",
+    ]
+
+
 def describe(result: dict[str, Any]) -> str:
     """The demo's outcome as a person reads it."""
     states: dict[str, int] = {}
@@ -104,8 +127,10 @@ def describe(result: dict[str, Any]) -> str:
         f"  {len(downloads)} shard(s), {sum(r['reused'] for r in downloads)} reused from S3 staging; "
         f"{sum(r.get('fetched', 0) for r in downloads)} images fetched",
         f"model {candidate['model_data_url']}",
-        f"  {candidate['metric']} = {candidate['value']:.4f}",
+        *_evaluation_lines(gate),
         f"gate: {'deployed' if gate['deploy'] else 'kept the serving model'} — {gate['reason']}",
+        f"evaluation {gate['evaluation']}",
+        f"  report {gate['report']}",
     ]
     pred = result.get("prediction")
     if pred is None:
