@@ -8,6 +8,7 @@ an S3 presigned URL from the real local S3 server, which the server downloads it
 from __future__ import annotations
 
 import ast
+import hashlib
 import http.server
 import io
 import json
@@ -214,6 +215,87 @@ def test_metadata_of_a_model_without_metrics_json_says_null_not_a_guess(models, 
         assert status == 200 and len(probabilities) == len(COLORS)
     finally:
         endpoint.stop(state)
+
+
+def load_raw(info: endpoint.EndpointInfo, archive: Path, **request) -> tuple[int, object]:
+    """POST /admin/load as a loader would, with `request`'s extra fields (thresholds, thresholds_problem)."""
+    state = Path(info.state_dir)
+    copy = state / "incoming" / "raw.tar.gz"
+    copy.parent.mkdir(mode=0o700, exist_ok=True)
+    copy.write_bytes(archive.read_bytes())
+    body = json.dumps({"model_url": copy.as_uri(), "source": "raw-model", **request}).encode()
+    headers = {"Authorization": f"Bearer {endpoint.admin_token(state)}"}
+    try:
+        return post(f"{info.url}/admin/load", body, "application/json", headers)
+    finally:
+        copy.unlink(missing_ok=True)
+
+
+LABELS = "application/json; verbose=true"
+
+
+def test_thresholds_are_kept_only_for_the_archive_they_were_chosen_for(served, models):
+    """The loader's thresholds (tests/test_thresholds.py has them found for real beside an evaluated model) are kept
+    for the archive whose sha256 they name and whose outputs they number; otherwise the model serves without, and a
+    request for labels gets 406 naming why. The default answer is the array, whatever else Accept says."""
+    sha = hashlib.sha256(models[0].read_bytes()).hexdigest()
+    names = ["red", "green", "blue", "yellow"]
+    offered = {"evaluation": "s3://b/p/output/j/evaluation/evaluation.json", "model_sha256": sha,
+               "label_names": names, "thresholds": [0.5, 0.0, 1.5, 0.5]}  # fmt: skip
+    status, meta = load_raw(served, models[0], thresholds=offered)
+    assert status == 200 and meta["sha256"] == sha
+    assert meta["thresholds"] == offered and meta["thresholds_problem"] is None
+    image = render(7)[0]
+    status, probs = post(served.invocations_url, image)
+    assert status == 200 and len(probs) == len(COLORS)
+    want = {"labels": [n for n, p, t in zip(names, probs, offered["thresholds"], strict=True) if p >= t],
+            "probabilities": probs}  # fmt: skip
+    assert "green" in want["labels"] and "blue" not in want["labels"]  # thresholds 0 and 1.5: always, never
+    for accept in (LABELS, "application/json;verbose=TRUE", "text/html, application/json ; verbose=true"):
+        assert post(served.invocations_url, image, headers={"Accept": accept}) == (200, want), accept
+    for accept in ("application/json", "application/json; verbose=false", "*/*", "text/csv; verbose=true"):
+        assert post(served.invocations_url, image, headers={"Accept": accept}) == (200, probs), accept
+    # Through boto3 too.
+    verbose = runtime_client(served).invoke_endpoint(
+        EndpointName="tiny", ContentType="image/jpeg", Accept=LABELS, Body=image
+    )
+    assert json.loads(verbose["Body"].read()) == want
+
+    # A malformed offer is a 400 and changes nothing: the model and its thresholds keep serving.
+    for bad, message in (
+        ({**offered, "thresholds": [0.5, "high", 0.1, 0.2]}, "thresholds.thresholds is a list of numbers"),
+        ({**offered, "label_names": names[:3]}, "thresholds has 3 label names for 4 thresholds; expected one each"),
+        ([0.5] * 4, "thresholds is a JSON list; expected an object"),
+    ):
+        status, answer = load_raw(served, models[0], thresholds=bad)
+        assert status == 400 and message in answer["message"], answer
+    assert endpoint.metadata(served)["thresholds"] == offered
+
+    # Thresholds chosen for another archive, or fewer than the outputs: served without, and said why.
+    other = "0" * 64
+    status, meta = load_raw(served, models[0], thresholds={**offered, "model_sha256": other})
+    assert status == 200 and meta["thresholds"] is None
+    assert meta["thresholds_problem"] == (
+        f"{offered['evaluation']} describes the archive with sha256 {other}, but the one fetched from raw-model has "
+        f"sha256 {sha} (it changed after the loader checked it)"
+    )
+    status, answer = post(served.invocations_url, image, headers={"Accept": LABELS})
+    assert status == 406 and answer["message"] == (
+        f"Accept {LABELS!r} asks for the labels above their thresholds, but raw-model has no thresholds: "
+        f"{meta['thresholds_problem']}; ask without it for the probabilities"
+    )
+    assert post(served.invocations_url, image) == (200, probs)  # the default answer needs no thresholds
+    short = {**offered, "label_names": names[:3], "thresholds": [0.5] * 3}
+    status, meta = load_raw(served, models[0], thresholds=short)
+    assert meta["thresholds"] is None
+    assert meta["thresholds_problem"] == f"{offered['evaluation']} has 3 thresholds, but the model has 4 outputs"
+    # The loader's reason there are none is what /metadata and the 406 say; SageMaker's route wraps the 406.
+    status, meta = load_raw(served, models[0], thresholds_problem="no evaluation is recorded for raw-model")
+    assert meta["thresholds"] is None and meta["thresholds_problem"] == "no evaluation is recorded for raw-model"
+    with pytest.raises(runtime_client(served).exceptions.ModelError) as err:
+        runtime_client(served).invoke_endpoint(EndpointName="tiny", ContentType="image/jpeg", Accept=LABELS, Body=image)
+    assert err.value.response["OriginalStatusCode"] == 406
+    assert "no evaluation is recorded for raw-model" in err.value.response["OriginalMessage"]
 
 
 def test_bad_requests_get_4xx_and_the_server_keeps_serving(served):
