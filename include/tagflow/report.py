@@ -251,16 +251,20 @@ def _figure_html(name: str, data: bytes, alt: str, caption: str) -> str:
             "</figcaption></figure>")  # fmt: skip
 
 
-def _thumbnail(image: bytes) -> tuple[bytes, str]:
-    """(bytes, MIME type) of a validation image for the grid: as stored, or shrunk when larger than THUMBNAIL_PX."""
+def _thumbnail(image: bytes) -> tuple[bytes, str] | None:
+    """(bytes, MIME type) of a validation image for the grid: as stored, or shrunk when larger than THUMBNAIL_PX;
+    None when Pillow cannot decode it (the grid says so rather than the report failing)."""
     from PIL import Image
 
-    with Image.open(io.BytesIO(image)) as img:
-        if max(img.size) <= THUMBNAIL_PX and img.format in ("JPEG", "PNG"):
-            return image, f"image/{img.format.lower()}"
-        img.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
-        out = io.BytesIO()
-        img.convert("RGB").save(out, format="JPEG", quality=85)
+    try:
+        with Image.open(io.BytesIO(image)) as img:
+            if max(img.size) <= THUMBNAIL_PX and img.format in ("JPEG", "PNG"):
+                return image, f"image/{img.format.lower()}"
+            img.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
+            out = io.BytesIO()
+            img.convert("RGB").save(out, format="JPEG", quality=85)
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return None
     return out.getvalue(), "image/jpeg"
 
 
@@ -365,10 +369,12 @@ def _thumbnails_html(
                 title = f"{kind}: score {row[c]:.3f}, threshold {thresholds[c]:.3f}"
                 tags.append(f'<li class="tag {kind}" title="{_e(title)}"><span class="mark">{mark}</span> '
                             f'<span class="tag-name">{_e(names[c])}</span></li>')  # fmt: skip
-        data, mime = _thumbnail(item["image"])
+        thumb = _thumbnail(item["image"])
+        picture = (f'<img src="{_data_uri(*thumb)}" alt="validation image {_e(item["id"])}">' if thumb
+                   else '<p class="undecodable">(this image cannot be decoded)</p>')  # fmt: skip
         cards.append(
-            f'<figure class="thumb" data-image-id="{_e(item["id"])}"><img src="{_data_uri(data, mime)}" '
-            f'alt="validation image {_e(item["id"])}"><figcaption><span class="id">image {_e(item["id"])}</span>'
+            f'<figure class="thumb" data-image-id="{_e(item["id"])}">{picture}'
+            f'<figcaption><span class="id">image {_e(item["id"])}</span>'
             f'<ul class="tags">{"".join(tags) or NO_TAGS}</ul>'
             "</figcaption></figure>"
         )
