@@ -97,26 +97,33 @@ def login(page: Page, af: stack.AirflowInfo, *, then: str | None = None) -> None
     page.wait_for_url(lambda url: "/auth/login" not in url)
 
 
-def trigger_from_form(page: Page, af: stack.AirflowInfo, fields: dict[str, str] | None = None) -> str:
-    """Open the tagflow DAG, press Trigger, fill `fields` (form label → value), tick "Unpause on trigger" and
-    trigger; returns the new run's id (the newest run, read through the REST API)."""
+def trigger_from_form(
+    page: Page, af: stack.AirflowInfo, fields: dict[tuple[str, str], str | bool] | None = None
+) -> str:
+    """Open the tagflow DAG, press Trigger, set `fields` ((form section, param name) → text, or True/False for a
+    switch, e.g. ("Deployment", "deploy"): False), keep "Unpause tagflow on trigger" ticked (shown while the DAG is
+    paused) and trigger; returns the new run's id, from the run page the UI opens."""
     page.goto(f"{af.url}/dags/{stack.DAG_ID}")
     page.get_by_role("button", name="Trigger").first.click()
     dialog = page.get_by_role("dialog")
-    for label, value in (fields or {}).items():
-        dialog.get_by_label(label, exact=True).fill(value)
-    unpause = dialog.get_by_text("Unpause", exact=False)
+    unpause = dialog.locator("label", has_text="Unpause").locator("input[type=checkbox]")
     if unpause.count():
-        unpause.first.click()
-    before = {run["dag_run_id"] for run in runs(af)}
+        unpause.check()
+    opened = set()
+    for (section, param), value in (fields or {}).items():
+        if section not in opened:
+            dialog.get_by_role("button", name=section, exact=True).click()
+            opened.add(section)
+        field = dialog.locator(f"[name=element_{param}]")  # the form names each param's input element_NAME
+        if isinstance(value, bool):
+            if field.is_checked() != value:
+                dialog.locator(f"label[id='switch:element_{param}']").click()
+            assert field.is_checked() == value, (section, param)
+        else:
+            field.fill(value)
     dialog.get_by_role("button", name="Trigger").last.click()
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        new = [run for run in runs(af) if run["dag_run_id"] not in before]
-        if new:
-            return new[0]["dag_run_id"]
-        time.sleep(1)
-    pytest.fail("the trigger form created no run within 60 s")
+    page.wait_for_url(f"**/dags/{stack.DAG_ID}/runs/**")
+    return urllib.parse.unquote(page.url.split("/runs/", 1)[1].split("/", 1)[0].split("?", 1)[0])
 
 
 def runs(af: stack.AirflowInfo) -> list[dict]:
