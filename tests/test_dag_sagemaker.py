@@ -2,7 +2,8 @@
 
 There is no AWS here, so moto stands in for SageMaker, SageMaker Runtime and CloudWatch Logs. It runs in this
 process (`ThreadedMotoServer`), so a test can reach its backend objects: to play the algorithm's part (report the
-final metrics a real job would), to make a job fail, or to read what the DAG asked for. The DAG itself runs in a
+final metrics a real job would, and write the model.tar.gz it would: a real one, which the evaluation stage
+scores), to make a job fail, or to read what the DAG asked for. The DAG itself runs in a
 subprocess (`dag.test` through `tagflow.local.airflow.run_once`); the tests of one operator's retries and failures
 call `execute` in this process, as Airflow would on a worker.
 
@@ -31,6 +32,7 @@ import regex
 from tagflow import demo, deploy, jobs, runconfig, s3
 from tagflow.local import airflow as local_airflow
 from tagflow.local.endpoint import content_type_of
+from test_dag import _facts
 
 ACCOUNT, REGION = "123456789012", "us-east-1"
 ROLE = f"arn:aws:iam::{ACCOUNT}:role/tagflow-sagemaker"
@@ -374,7 +376,8 @@ def _publish(s3_client, bucket: str, seed: int) -> dict[str, Any]:
         "backend": "sagemaker",
         "hyperparameters": {"num_layers": 18, "epochs": 2, "mini_batch_size": 4, "learning_rate": 0.01},
         "instance_type": "ml.p3.2xlarge",
-        "metric_gate": 0.5,
+        "gate_lift": 0.0,  # one epoch on 54 images: the tests judge the plumbing, not the model
+        "gate_threshold": 0.0,
     }
 
 
@@ -394,21 +397,69 @@ def _answer(num_labels: int) -> str:
 
 
 @pytest.fixture(scope="module")
-def first_deploy(airflow_env, moto, s3_client, tmp_path_factory):
+def model_archive(s3_client, mxnet_python, tmp_path_factory) -> bytes:
+    """A real model.tar.gz in the built-in's layout (ResNet-18, one epoch of the local trainer on 60 demo designs
+    at 32 px, 50 labels): what the moto jobs "produce", so the evaluation stage scores a real model."""
+    from tagflow import pipeline
+    from tagflow.local.runner import run_training_job
+    from tagflow.sagemaker_config import LOCAL_IMAGE_URI, LOCAL_ROLE_ARN
+
+    bucket = f"t-{uuid.uuid4().hex[:16]}"
+    s3_client.create_bucket(Bucket=bucket)
+    conf = {**_publish(s3_client, bucket, seed=20), "backend": "local", "endpoint_name": "tagflow-sm-model"}
+    conf["hyperparameters"] = {**conf["hyperparameters"], "epochs": 1}
+    cfg = runconfig.resolve(conf)
+    pipeline.run(jobs.dataset_spec(cfg), s3_client)
+    request = jobs.training_request(cfg, jobs.read_manifest(cfg.dataset_uri, s3_client), job_name="tagflow-sm-model",
+                                    image_uri=LOCAL_IMAGE_URI, role_arn=LOCAL_ROLE_ARN)  # fmt: skip
+    described = run_training_job(request, workdir=tmp_path_factory.mktemp("model"), client=s3_client,
+                                 mxnet_python=mxnet_python)  # fmt: skip
+    assert described["TrainingJobStatus"] == "Completed", described.get("FailureReason")
+    where = s3.S3Uri.parse(described["ModelArtifacts"]["S3ModelArtifacts"])
+    return s3_client.get_object(Bucket=where.bucket, Key=where.key)["Body"].read()
+
+
+def produces_model(archive: bytes, s3_client, then: Callable[[Any], None]) -> Callable[[Any], None]:
+    """Play the algorithm's part in a moto training job (`then`) and write its model.tar.gz where SageMaker puts
+    it, OUTPUT/JOB/output/model.tar.gz, as the built-in would."""
+
+    def finish(job) -> None:
+        then(job)
+        put_model(s3_client, job.output_data_config["S3OutputPath"], job.training_job_name, archive)
+
+    return finish
+
+
+def put_model(s3_client, output: str, job: str, archive: bytes) -> str:
+    uri = s3.S3Uri.parse(f"{output.rstrip('/')}/{job}/output/model.tar.gz")
+    s3_client.put_object(Bucket=uri.bucket, Key=uri.key, Body=archive)
+    return str(uri)
+
+
+@pytest.fixture(scope="module")
+def first_deploy(airflow_env, moto, s3_client, model_archive, tmp_path_factory):
     """One whole train run on a fresh endpoint; its job reports validation:accuracy 0.62."""
     bucket = f"t-{uuid.uuid4().hex[:16]}"
     s3_client.create_bucket(Bucket=bucket)
     conf = {**_publish(s3_client, bucket, seed=21), "mode": "train", "endpoint_name": "tagflow-sm-train"}
-    moto.on_training_job = reports_metrics(validation_accuracy=0.62, train_accuracy=0.7)
+    moto.on_training_job = produces_model(
+        model_archive, s3_client, reports_metrics(validation_accuracy=0.62, train_accuracy=0.7)
+    )
     moto.queue_answer(_answer(conf["num_labels"]))
     requests, invocations = len(moto.requests), len(moto.invocations)
     result = _run(airflow_env, conf, tmp_path_factory.mktemp("logs") / "first.log")
     return SimpleNamespace(
-        conf=conf, result=result, requests=moto.requests[requests:], invocations=moto.invocations[invocations:]
+        conf=conf,
+        result=result,
+        env=airflow_env,
+        requests=moto.requests[requests:],
+        invocations=moto.invocations[invocations:],
     )
 
 
+@pytest.mark.mxnet
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # with the module's model to train and each run's evaluation
 def test_train_run_uses_the_provider_operators_and_deploys_on_sagemaker(first_deploy, moto, s3_client):
     conf, result = first_deploy.conf, first_deploy.result
     tasks = result["tasks"]
@@ -437,7 +488,7 @@ def test_train_run_uses_the_provider_operators_and_deploys_on_sagemaker(first_de
     sent = {op for op, _ in first_deploy.requests}
     assert sent >= {"CreateTrainingJob", "CreateModel", "CreateEndpointConfig", "CreateEndpoint", "DescribeEndpoint"}
 
-    # The gate judged the job's own metric; nothing was serving yet.
+    # The gate judged the model by its evaluation on the dataset's validation split; nothing was serving yet.
     gate = result["results"]["evaluate_gate"]
     output = f"s3://{conf['bucket']}/designs/output/{request['TrainingJobName']}/output/model.tar.gz"
     assert gate["candidate"] == {
@@ -450,7 +501,25 @@ def test_train_run_uses_the_provider_operators_and_deploys_on_sagemaker(first_de
         "saved_model": None,
         "last_epoch": {"epoch": None, "metrics": {"validation:accuracy": 0.62, "train:accuracy": 0.7}},
     }
-    assert (gate["deploy"], gate["serving_value"], gate["route"]) == (True, None, "sagemaker")
+    assert (gate["deploy"], gate["champion"], gate["route"]) == (True, None, "sagemaker")
+    assert gate["reason"].startswith(f"mAP {gate['mAP']:.4f} passes")
+    doc = json.loads(s3_client.get_object(Bucket=conf["bucket"], Key=f"designs/output/{request['TrainingJobName']}"
+                                          "/evaluation/evaluation.json")["Body"].read())  # fmt: skip
+    assert doc["candidate"]["mAP"] == gate["mAP"] and doc["model"]["uri"] == output
+    assert doc["lineage"]["settings"]["backend"] == "sagemaker"
+
+    # Extra links: the SageMaker console for the job and the endpoint; S3 objects through the Airflow S3 view (the
+    # connection's S3 is the local server, which a browser cannot reach with its credentials).
+    facts = _facts(first_deploy.env, result["run_id"])
+    console = f"https://{REGION}.console.aws.amazon.com/sagemaker/home?region={REGION}#"
+    assert facts["links"]["sagemaker_train"] == {
+        "_link_TrainingJobConsoleLink": f"{console}/jobs/{request['TrainingJobName']}",
+        "_link_ModelLink": f"/tagflow/s3/{conf['bucket']}/designs/output/{request['TrainingJobName']}/output/"
+        "model.tar.gz",
+    }
+    assert facts["links"]["evaluate_gate"]["_link_EndpointConsoleLink"] == f"{console}/endpoints/tagflow-sm-train"
+    assert facts["links"]["sagemaker_deploy"]["_link_EndpointConsoleLink"] == f"{console}/endpoints/tagflow-sm-train"
+    assert facts["note"].startswith("**Deployed** — mAP")
 
     # The endpoint serves the new model through a config tagged with its objective.
     sagemaker = moto.client()
@@ -475,16 +544,24 @@ def test_train_run_uses_the_provider_operators_and_deploys_on_sagemaker(first_de
     assert result["results"]["smoke_test"]["image_id"] == image_id
 
 
+@pytest.mark.mxnet
 @pytest.mark.slow
-def test_a_better_model_updates_the_endpoint_to_a_new_config(first_deploy, airflow_env, moto, tmp_path):
-    moto.on_training_job = reports_metrics(validation_accuracy=0.7)
+@pytest.mark.timeout(1800)  # with the module's model to train and each run's evaluation
+def test_a_model_as_good_updates_the_endpoint_to_a_new_config(
+    first_deploy, airflow_env, moto, s3_client, model_archive, tmp_path
+):
+    moto.on_training_job = produces_model(model_archive, s3_client, reports_metrics(validation_accuracy=0.7))
     since = len(moto.requests)
     second = _run(airflow_env, first_deploy.conf, tmp_path / "second.log")
     _all_valid(moto.requests[since:])
 
+    # The champion is the model the form's endpoint serves (DescribeEndpoint → config → model's ModelDataUrl),
+    # re-scored on this run's split: the same archive scores the same, and "not worse" deploys it.
     gate = second["results"]["evaluate_gate"]
-    assert (gate["deploy"], gate["serving_value"]) == (True, 0.62)  # read back from the serving config's tags
-    assert len(moto.sent("ListTags", since)) == 1
+    first_gate = first_deploy.result["results"]["evaluate_gate"]
+    assert gate["champion"] == first_gate["candidate"]["model_data_url"]
+    assert gate["deploy"] is True and gate["champion_mAP"] == gate["mAP"] == first_gate["mAP"]
+    assert len(moto.sent("DescribeModel", since)) >= 1
     first_config = first_deploy.result["results"]["sagemaker_endpoint_config"]["EndpointConfig"]["EndpointConfigName"]
     new_config = second["results"]["sagemaker_endpoint_config"]["EndpointConfig"]["EndpointConfigName"]
     assert new_config != first_config
@@ -500,8 +577,12 @@ def test_a_better_model_updates_the_endpoint_to_a_new_config(first_deploy, airfl
     assert second["tasks"]["smoke_test"] == "success"
 
 
+@pytest.mark.mxnet
 @pytest.mark.slow
-def test_tune_run_sends_a_valid_tuning_job_and_deploys_its_best_trial(airflow_env, moto, s3_client, bucket, tmp_path):
+@pytest.mark.timeout(1800)  # with the module's model to train and each run's evaluation
+def test_tune_run_sends_a_valid_tuning_job_and_deploys_its_best_trial(
+    airflow_env, moto, s3_client, model_archive, bucket, tmp_path
+):
     conf = {
         **_publish(s3_client, bucket, seed=22),
         "mode": "tune",
@@ -509,7 +590,14 @@ def test_tune_run_sends_a_valid_tuning_job_and_deploys_its_best_trial(airflow_en
         "max_parallel_jobs": 2,
         "endpoint_name": "tagflow-sm-tune",
     }
-    moto.on_tuning_job = finishes_tuning(0.66)
+    tuning = finishes_tuning(0.66)
+
+    def finish(job) -> None:
+        tuning(job)
+        output = job.training_job_definition["OutputDataConfig"]["S3OutputPath"]
+        put_model(s3_client, output, job.best_training_job["TrainingJobName"], model_archive)
+
+    moto.on_tuning_job = finish
     moto.queue_answer(_answer(conf["num_labels"]))
     since = len(moto.requests)
     result = _run(airflow_env, conf, tmp_path / "tune.log")

@@ -229,3 +229,11 @@ def test_lineage_lives_beside_the_model_and_a_scheduled_run_with_nothing_new_doe
     grown = jobs.lineage(cfg, jobs.dataset_digest(uri, manifest, s3_client))
     assert decide("scheduled", now=grown)["train"] is True
     assert "the dataset changed" in decide("scheduled", now=grown)["reason"]
+
+
+def test_the_evaluation_batch_fits_a_small_validation_split():
+    from tagflow.evaluate import DEFAULT_BATCH_SIZE
+
+    assert jobs.evaluation_batch_size({"counts": {"val": 5}}) == 5
+    assert jobs.evaluation_batch_size({"counts": {"val": 10_000}}) == DEFAULT_BATCH_SIZE
+    assert jobs.evaluation_batch_size({}) == DEFAULT_BATCH_SIZE

@@ -225,6 +225,14 @@ def adoptable(earlier: list[tuple[str, str]]) -> str | None:
     return None
 
 
+def evaluation_batch_size(manifest: Mapping[str, Any]) -> int:
+    """The evaluator's batch: its default, or the whole validation split when that is smaller (MXNet's record
+    iterator refuses a split with fewer images than the batch, as on a first day of a few images)."""
+    from tagflow.evaluate import DEFAULT_BATCH_SIZE
+
+    return max(1, min(DEFAULT_BATCH_SIZE, int(manifest.get("counts", {}).get("val", DEFAULT_BATCH_SIZE))))
+
+
 # --- lineage: what a model was trained from, and whether a run has anything new to train on --------------------
 
 LINEAGE_FORMAT = 1

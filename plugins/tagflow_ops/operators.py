@@ -535,6 +535,8 @@ class ChooseTrainingOperator(_ServingModelMixin, TagflowOperator, BaseBranchOper
         with bad_input_fails_fast():
             decision = self._decide(context)
         self.log.info("%s", decision["reason"])
+        # Pushed first: skipping the other branches ends execute (Airflow 3 raises DownstreamTasksSkipped).
+        context["ti"].xcom_push(key="return_value", value=decision)
         self.do_branch(context, [decision["branch"]] if decision["train"] else [])
         return decision
 
@@ -593,9 +595,10 @@ class EvaluateGateOperator(_ServingModelMixin, TagflowOperator):
         if champion == candidate["model_data_url"]:
             champion = None  # a retry after this model was deployed: it is no rival of itself
         self.log.info("evaluating %s against %s", candidate["model_data_url"], champion or "no serving model")
+        batch = jobs.evaluation_batch_size(jobs.read_manifest(cfg.dataset_uri, self.aws.s3))
         doc = evaluate.evaluate(
             candidate["model_data_url"], cfg.dataset_uri, client=self.aws.s3, champion_uri=champion,
-            lift=cfg.gate_lift, threshold=cfg.gate_threshold, tolerance=cfg.gate_tolerance,
+            lift=cfg.gate_lift, threshold=cfg.gate_threshold, tolerance=cfg.gate_tolerance, batch_size=batch,
         )  # fmt: skip
         decision = deploy.judge(doc, metric=cfg.gate_metric, lift=cfg.gate_lift, threshold=cfg.gate_threshold,
                                 tolerance=cfg.gate_tolerance)  # fmt: skip

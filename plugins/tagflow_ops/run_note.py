@@ -41,16 +41,26 @@ def _results(dag_run: DagRun, session) -> dict[str, Any]:
 
 
 def set_note(dag_run: DagRun) -> str | None:
-    """Write the decision into `dag_run`'s note (in its session, committed with the run's new state)."""
+    """Write the decision into `dag_run`'s note, in the session that ends the run (committed with its new state):
+    the scheduler's, which holds the run; under `dag.test` the run object is detached, and the thread's scoped
+    session (`settings.Session`, the one dag.test's loop commits) loads it again. A second session would wait on
+    the first's lock on the run's row."""
+    from airflow import settings
+    from airflow.models.dagrun import DagRun as DagRunModel
     from sqlalchemy.orm import object_session
 
     from tagflow.deploy import run_note
 
-    if dag_run.dag_id != DAG_ID or dag_run.note:
+    if dag_run.dag_id != DAG_ID:
         return None
     session = object_session(dag_run)
     if session is None:
-        return None
+        session = settings.Session()
+        dag_run = session.get(DagRunModel, dag_run.id)
+        if dag_run is None:
+            return None
+    if dag_run.note:
+        return None  # a person's note is kept
     results = _results(dag_run, session)
     note = run_note(results.get(GATE_TASK), results.get(TRAINING_TASK))
     if note:
