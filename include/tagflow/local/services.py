@@ -15,7 +15,10 @@ from tagflow import local, runconfig, s3
 from tagflow.local import endpoint, s3server
 from tagflow.local.s3server import ServerInfo
 
-ENDPOINT_NAME = runconfig.PARAMS["endpoint_name"]["default"]
+# The local endpoint service's name (and state folder) while it serves nothing; a deploy renames it to the run's
+# endpoint name (the preset's, e.g. tagflow-designs-50, or the form's). The form's default is empty (the preset
+# decides), so it cannot come from there.
+ENDPOINT_NAME = "tagflow-designs"
 
 
 @dataclass(frozen=True)
