@@ -157,11 +157,20 @@ def test_demo_runs_the_whole_dag_on_its_own_services(tmp_path):
         assert result["results"]["publish"]["counts"]["listed"] == 400
         assert result["results"]["publish"]["dataset"] == "s3://tagflow-data/50-label-rs96"
         assert result["tasks"]["local_train"] == "success" and result["tasks"]["sagemaker_train"] == "skipped"
-        top = result["prediction"]["top"]
-        assert len(top) == 5 and all(0 <= t["probability"] <= 1 for t in top)
         assert s3server.status(home / "s3") is not None  # left running for the user to look at
+        gate = result["results"]["evaluate_gate"]
         served = endpoint.status(home / "endpoints" / "tagflow-designs")
-        assert served is not None and served.model_source == result["results"]["deploy_local"]["model"]
+        assert served is not None
+        # 400 designs and 3 epochs may or may not clear the mAP gate (2 x the label-frequency baseline, >= 0.1):
+        # either way the demo must say what happened and the endpoint must match the decision.
+        if gate["deploy"]:
+            top = result["prediction"]["top"]
+            assert len(top) == 5 and all(0 <= t["probability"] <= 1 for t in top)
+            assert served.model_source == result["results"]["deploy_local"]["model"]
+        else:
+            assert "mAP" in gate["reason"] and "left as it is" in gate["reason"], gate["reason"]
+            assert result["prediction"] is None and result["tasks"]["deploy_local"] == "skipped"
+            assert served.model_source is None  # started empty, nothing deployed
     finally:
         endpoint.stop(home / "endpoints" / "tagflow-designs")
         s3server.stop(home / "s3")
@@ -267,8 +276,7 @@ def test_ctrl_c_says_interrupted_and_what_was_left(tmp_path, s3_server, s3_clien
     )  # fmt: skip
     deadline = time.monotonic() + 120
     while proc.poll() is None and not list(out.glob("*.partial")) and time.monotonic() < deadline:
-        time.sleep(0.05)  # until the new pack is writing its files
-    time.sleep(0.5)  # well into the 3,000 images
+        time.sleep(0.01)  # until the new pack is writing its files: interrupt it then (3,000 images can take < 1 s)
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr
