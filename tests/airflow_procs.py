@@ -103,3 +103,18 @@ class Components:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=5)
         self.procs.clear()
+
+
+@contextlib.contextmanager
+def fresh_stack(home: Path, mp: Any):
+    """`make up` in a fresh TAGFLOW_HOME `home` (its own S3 server: the session's AWS_* variables are removed through
+    the MonkeyPatch `mp`); yields the stack, `make down` whatever happens."""
+    from tagflow.local import stack
+
+    mp.setenv("TAGFLOW_HOME", str(home))
+    for name in [k for k in os.environ if k.startswith("AWS_")]:
+        mp.delenv(name)
+    try:
+        yield stack.up(port=process.free_ports(1)[0])
+    finally:
+        stack.down()

@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from tagflow.local import process, s3server, stack
+from airflow_procs import fresh_stack
+from tagflow.local import s3server, stack
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -45,14 +46,8 @@ BUCKET = "tagflow-data"  # `up` creates it: the trigger form's default dataset b
 @pytest.fixture(scope="module")
 def ui(tmp_path_factory, mxnet_python) -> Iterator[stack.Stack]:
     """`make up` in a fresh TAGFLOW_HOME, with no AWS_* variables from the session's S3 server; `make down` after."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TAGFLOW_HOME", str(tmp_path_factory.mktemp("browser") / "home"))
-        for name in [k for k in os.environ if k.startswith("AWS_")]:
-            mp.delenv(name)
-        try:
-            yield stack.up(port=process.free_ports(1)[0])
-        finally:
-            stack.down()
+    with pytest.MonkeyPatch.context() as mp, fresh_stack(tmp_path_factory.mktemp("browser") / "home", mp) as up:
+        yield up
 
 
 @pytest.fixture(scope="module")

@@ -98,21 +98,31 @@ def trained(dataset, s3_client, mxnet_python, tmp_path_factory) -> str:
     return _once("trained", lambda: train_model(dataset, s3_client, mxnet_python, tmp_path_factory))
 
 
-def train_model(dataset, s3_client, mxnet_python, tmp_path_factory) -> str:
+def train_model(
+    dataset,
+    s3_client,
+    mxnet_python,
+    tmp_path_factory,
+    *,
+    job: str | None = None,
+    output_uri: str | None = None,
+    epochs: int = 5,
+) -> str:
+    """Train the test ResNet-18 on `dataset` with the local runner; its model.tar.gz URI (OUTPUT/JOB/output/)."""
     request = training_job_request(
-        training_job_name("ic-eval", "trained"),
+        job or training_job_name("ic-eval", "trained"),
         image_uri="local/image-classification",
         role_arn=ROLE,
         train_uri=f"{dataset['uri']}/training/train.rec",
         validation_uri=f"{dataset['uri']}/validation/val.rec",
-        output_uri=f"s3://{dataset['bucket']}/models",
+        output_uri=output_uri or f"s3://{dataset['bucket']}/models",
         hyperparameters={
             "num_classes": NUM_LABELS,
             "num_training_samples": N_TRAIN,
             "multi_label": 1,
             "image_shape": "3,96,96",
             "num_layers": 18,
-            "epochs": 5,
+            "epochs": epochs,
             "mini_batch_size": 16,
             "learning_rate": 0.05,
             "augmentation_type": "crop",

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from airflow_procs import fresh_stack
 from tagflow import demo, jobs, runconfig, s3
 from tagflow.local import process, stack
 
@@ -58,13 +59,8 @@ def wait_for(what: str, check, timeout: float = WAIT_S, every: float = 1.0):
 @pytest.fixture
 def running_stack(tmp_path, monkeypatch, mxnet_python):
     """`make up` in a fresh TAGFLOW_HOME (its own S3 server); `make down` whatever happens."""
-    monkeypatch.setenv("TAGFLOW_HOME", str(tmp_path / "home"))
-    for name in [k for k in os.environ if k.startswith("AWS_")]:
-        monkeypatch.delenv(name)
-    try:
-        yield stack.up(port=process.free_ports(1)[0])
-    finally:
-        stack.down()
+    with fresh_stack(tmp_path / "home", monkeypatch) as up:
+        yield up
 
 
 def test_marking_a_running_run_failed_stops_its_trainer(running_stack):
@@ -93,7 +89,13 @@ def test_marking_a_running_run_failed_stops_its_trainer(running_stack):
 
     code, body = stack._request("PATCH", f"{dag}/dagRuns/{run_id}", body={"state": "failed"}, token=token)
     assert code == 200, body
-    wait_for(f"the trainer of {job} to stop", lambda: not trainers(job), timeout=120, every=0.5)
+
+    # Gone from the process table, not only from the trainer list: an exiting process loses its cmdline before it
+    # is reaped (tearing down MXNet's memory takes a moment under load).
+    def stopped():
+        return not trainers(job) and not any(process.pid_alive(pid) for pid in pids)
+
+    wait_for(f"the trainer of {job} to stop", stopped, timeout=120, every=0.5)
     assert not any(process.pid_alive(pid) for pid in pids)
     code, ti = stack._request("GET", f"{dag}/dagRuns/{run_id}/taskInstances/local_train", token=token)
     assert code == 200 and ti["state"] == "failed", ti

@@ -19,11 +19,10 @@ import pytest
 from tagflow import s3, thresholds
 from tagflow.evaluate import evaluate, write_evaluation
 from tagflow.local import endpoint
-from tagflow.local.runner import run_training_job
-from tagflow.sagemaker_config import training_job_name, training_job_request
+from tagflow.sagemaker_config import training_job_name
 from test_cli import tagflow
-from test_evaluate import LABEL_NAMES, dataset, edited  # noqa: F401 (dataset: the module's fixture)
-from test_local_training import N_TRAIN, NUM_LABELS, ROLE, render
+from test_evaluate import LABEL_NAMES, dataset, edited, train_model  # noqa: F401 (dataset: the module's fixture)
+from test_local_training import N_TRAIN, NUM_LABELS, render
 
 pytestmark = [pytest.mark.slow, pytest.mark.mxnet]
 
@@ -35,32 +34,9 @@ IMAGES = range(N_TRAIN, N_TRAIN + 12)  # validation images: some labels above th
 def evaluated(dataset, s3_client, mxnet_python, tmp_path_factory) -> dict:  # noqa: F811 (the imported fixture)
     """The model at DATASET/output/JOB/output/model.tar.gz and its evaluation at DATASET/output/JOB/evaluation/."""
     job = training_job_name("thresholds", "trained")
-    request = training_job_request(
-        job,
-        image_uri="local/image-classification",
-        role_arn=ROLE,
-        train_uri=f"{dataset['uri']}/training/train.rec",
-        validation_uri=f"{dataset['uri']}/validation/val.rec",
-        output_uri=f"{dataset['uri']}/output",
-        hyperparameters={
-            "num_classes": NUM_LABELS,
-            "num_training_samples": N_TRAIN,
-            "multi_label": 1,
-            "image_shape": "3,96,96",
-            "num_layers": 18,
-            "epochs": 3,
-            "mini_batch_size": 16,
-            "learning_rate": 0.05,
-            "augmentation_type": "crop",
-        },
-        instance_type="ml.m5.large",
-        max_runtime_s=1800,
+    model = train_model(
+        dataset, s3_client, mxnet_python, tmp_path_factory, job=job, output_uri=f"{dataset['uri']}/output", epochs=3
     )
-    described = run_training_job(
-        request, workdir=tmp_path_factory.mktemp("thresholdjobs"), client=s3_client, mxnet_python=mxnet_python
-    )
-    assert described["TrainingJobStatus"] == "Completed", described.get("FailureReason")
-    model = described["ModelArtifacts"]["S3ModelArtifacts"]
     assert model == f"{dataset['uri']}/output/{job}/output/model.tar.gz"
     doc = evaluate(model, dataset["uri"], client=s3_client, mxnet_python=mxnet_python, batch_size=16)
     where = write_evaluation(doc, dataset["uri"], job, client=s3_client)

@@ -21,7 +21,6 @@ if TYPE_CHECKING:
     from airflow.sdk import BaseOperator
     from airflow.sdk.types import TaskInstanceKey
 
-S3_VIEW_ROUTE = "/tagflow/s3"  # served by plugins/tagflow_ops/s3_view.py
 CONSOLE = "https://{region}.console.aws.amazon.com/sagemaker/home?region={region}#/{kind}/{name}"
 
 
@@ -30,7 +29,9 @@ def s3_link(uri: str, *, local: bool, region: str | None = None, base_url: str |
     server's S3 view at `base_url` (Airflow's [api] base_url; empty: the UI's own origin); on AWS, the S3 console."""
     bucket, _, key = uri.removeprefix("s3://").partition("/")
     if local:
-        return f"{(base_url or '').rstrip('/')}{S3_VIEW_ROUTE}/{quote(bucket)}/{quote(key)}"
+        from tagflow_ops.s3_view import view_path
+
+        return f"{(base_url or '').rstrip('/')}{view_path(uri)}"
     where = f"region={quote(region)}&" if region else ""
     if not key or key.endswith("/"):
         return f"https://s3.console.aws.amazon.com/s3/buckets/{quote(bucket)}?{where}prefix={quote(key)}"
