@@ -33,7 +33,7 @@ import pytest
 import redis
 
 from airflow_procs import AIRFLOW, Components, install_task_policy
-from tagflow import demo, s3
+from tagflow import demo, runconfig, s3
 from tagflow.local import airflow as local_airflow
 from tagflow.local import endpoint, process
 
@@ -322,7 +322,9 @@ def backfill(topology, topology_bucket, s3_client) -> list[Run]:
         "shard_size": SHARD_SIZE,
         # The first day's validation split holds 5 images; MXNet's iterator needs more images than the batch size.
         "hyperparameters": {"num_layers": 18, "epochs": 1, "mini_batch_size": 4, "learning_rate": 0.01},
-        "metric_gate": 0.0,  # the first run's model is served whatever one epoch on 30 images scores
+        # The first run's model is served whatever one epoch on 30 images scores: no lift, no threshold.
+        "gate_lift": 0.0,
+        "gate_threshold": 0.0,
     }
     last_day = FIRST_DAY + timedelta(days=DAYS - 1)
     done = topology.airflow(
@@ -399,8 +401,10 @@ def test_each_run_downloads_only_its_new_images(backfill):
 
 def test_the_endpoint_serves_the_last_model_the_gate_deployed(backfill, served):
     deployed = [run for run in backfill if run.results["evaluate_gate"]["deploy"]]
-    for run in deployed:
-        assert run.results["smoke_test"]["endpoint"] == served.name
     metadata = endpoint.metadata(served.url)
     assert metadata is not None
+    # The service started empty; each deploy named it after the run's endpoint (the preset's, as the form left it).
+    assert metadata["name"] == runconfig.PRESETS[runconfig.PARAMS["preset"]["default"]]["endpoint_name"]
+    for run in deployed:
+        assert run.results["smoke_test"]["endpoint"] == metadata["name"]
     assert metadata["source"] == deployed[-1].results["deploy_local"]["model"]
