@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -39,11 +40,22 @@ def s3_client(s3_server):
 
 
 @pytest.fixture
-def bucket(s3_client) -> str:
-    """A new, empty bucket on the session's server."""
+def bucket(s3_client) -> Iterator[str]:
+    """A new, empty bucket on the session's server, emptied and removed after the test (SeaweedFS gives each bucket
+    its own volumes, so a suite that kept every bucket would run the server out of volumes)."""
     name = f"t-{uuid.uuid4().hex[:16]}"
     s3_client.create_bucket(Bucket=name)
-    return name
+    yield name
+    remove_bucket(s3_client, name)
+
+
+def remove_bucket(client, name: str) -> None:
+    """Delete every object in the bucket, then the bucket."""
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=name):
+        keys = [{"Key": item["Key"]} for item in page.get("Contents", [])]
+        if keys:
+            client.delete_objects(Bucket=name, Delete={"Objects": keys, "Quiet": True})
+    client.delete_bucket(Bucket=name)
 
 
 @pytest.fixture(scope="session")

@@ -213,6 +213,11 @@ def _launch(state_dir: Path) -> tuple[ServerInfo, subprocess.Popen, Path]:
         "-s3.port.iceberg=0",
         "-s3.port.lance=0",
         "-master.telemetry=false",
+        # Every bucket gets its own volumes. Left at 0, the volume count is free disk / an auto volume size (up to
+        # 1 GB): 75 buckets on an 80 GB disk, after which PutObject answers InternalError. Volumes are not
+        # preallocated, so a high count costs nothing until written.
+        "-master.volumeSizeLimitMB=256",
+        "-volume.max=2000",
         "-s3.autoCreateBucket=false",
         "-s3.allowDeleteBucketNotEmpty=false",
         f"-s3.config={state_dir / 'identities.json'}",
