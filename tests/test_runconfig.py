@@ -139,3 +139,18 @@ def test_the_gate_defaults_to_mAP_with_the_deploy_modules_constants_and_the_obje
     assert runconfig.resolve({"backend": "sagemaker"}).objective_metric == "validation:accuracy"
     assert runconfig.resolve({"objective_metric": "validation:accuracy"}).objective_metric == "validation:accuracy"
     assert "metric_gate" not in runconfig.PARAMS
+
+
+def test_the_split_group_key_is_checked_when_the_form_is_resolved():
+    cfg = runconfig.resolve({"split_group_regex": r"^designs/(d\d+)/"})
+    assert cfg.split_group_regex == r"^designs/(d\d+)/" and cfg.split_group_file is None
+    with pytest.raises(InputError, match=r"split_group_regex: group regex '\(x': not a valid regular expression"):
+        runconfig.resolve({"split_group_regex": "(x"})
+    with pytest.raises(InputError, match="split_group_regex and split_group_file: both were given"):
+        runconfig.resolve({"split_group_regex": "x", "split_group_file": "s3://b/groups.tsv"})
+
+
+def test_approval_defaults_to_auto():
+    cfg = runconfig.resolve({})
+    assert (cfg.approval, cfg.approval_timeout_h) == ("auto", 24)
+    assert runconfig.RunConfig.from_dict(runconfig.resolve({"approval": "manual"}).to_dict()).approval == "manual"

@@ -55,6 +55,8 @@ def dataset_spec(cfg: RunConfig, *, pack_workers: int | None = None) -> DatasetS
         ),
         pack_workers=pack_workers,
         list_until=cfg.list_until,
+        split_group_regex=cfg.split_group_regex,
+        split_group_file=cfg.split_group_file,
     )
 
 

@@ -144,6 +144,22 @@ PARAMS: dict[str, dict[str, Any]] = {
         "description": "Share of images in training/; the rest go to validation/.",
         "section": "Packing",
     },
+    "split_group_regex": _nullable(
+        "string",
+        maxLength=500,
+        title="Split group regex",
+        description="Keep variants of one design on one side of the split: a regular expression over each list "
+        "path whose first capture group (else its whole match) is the image's group, e.g. ^designs/([^/]+)/. "
+        "A path it does not match is refused. Empty: the split hashes the image ID.",
+        section="Packing",
+    ),
+    "split_group_file": _nullable(
+        "string",
+        pattern=S3_URI_PATTERN,
+        title="Split group file",
+        description="Instead of the regex: s3:// text file of ID<TAB>GROUP lines, one per image of the list.",
+        section="Packing",
+    ),
     "max_pixels": _nullable(
         "integer",
         minimum=1,
@@ -279,6 +295,25 @@ PARAMS: dict[str, dict[str, Any]] = {
         "description": "SageMaker ML instance serving the endpoint (the local backend ignores it).",
         "section": "Deployment",
     },
+    "approval": {
+        "type": "string",
+        "default": "auto",
+        "enum": ["auto", "manual"],
+        "title": "Approval",
+        "description": "auto: a model that passes the gate is deployed. manual: it waits for a person to approve "
+        "it on the run's Required actions (the comparison table and the report link are shown); reject or no "
+        "answer within the approval timeout leaves the endpoint as it is.",
+        "section": "Deployment",
+    },
+    "approval_timeout_h": {
+        "type": "number",
+        "default": 24,
+        "exclusiveMinimum": 0,
+        "maximum": 720,
+        "title": "Approval timeout (hours)",
+        "description": "With manual approval: how long the approval waits before it counts as rejected.",
+        "section": "Deployment",
+    },
     "gate_metric": {
         "type": "string",
         "default": "mAP",
@@ -366,6 +401,10 @@ class RunConfig:
     gate_tolerance: float
     force_training: bool
     max_pixels: int | None = None  # None: tagflow.pack's default
+    split_group_regex: str | None = None  # None with split_group_file None: split by image ID
+    split_group_file: str | None = None
+    approval: str = "auto"
+    approval_timeout_h: float = 24
     list_until: str | None = None  # ISO time: partitions dated before it are read
 
     @property
@@ -439,6 +478,15 @@ def resolve(params: Mapping[str, Any], *, list_until: datetime | None = None) ->
             f"objective_metric: {values['objective_metric']} is reported only by the local trainer; "
             f"on SageMaker use one of {', '.join(SAGEMAKER_OBJECTIVES)}"
         )
+    if values["split_group_regex"] is not None and values["split_group_file"] is not None:
+        raise InputError("split_group_regex and split_group_file: both were given; choose one group key")
+    if values["split_group_regex"] is not None:
+        from tagflow.shards import compile_group_regex  # here: shards imports numpy, which the form needs not
+
+        try:
+            compile_group_regex(values["split_group_regex"])
+        except InputError as err:
+            raise InputError(f"split_group_regex: {err}") from None
     names.check_endpoint_name(values["endpoint_name"], "endpoint_name:")
     if problem := names.prefix_problem(values["dataset_prefix"]):
         raise InputError(f"dataset_prefix: {quote(values['dataset_prefix'])} {problem}")
