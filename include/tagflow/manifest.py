@@ -20,6 +20,7 @@ import numpy as np
 
 from tagflow import __version__
 from tagflow.listfile import list_warnings
+from tagflow.local import REPO
 from tagflow.recordio import read_index
 from tagflow.shards import SPLIT_BY_ID
 
@@ -34,17 +35,16 @@ def code_revision() -> str:
     """The git commit of this checkout (`-dirty` if modified), else TAGFLOW_REVISION, else the package version."""
     if rev := os.environ.get("TAGFLOW_REVISION"):
         return rev
-    repo = Path(__file__).resolve().parents[2]
     try:
         head = subprocess.run(
-            ["git", "-C", str(repo), "rev-parse", "HEAD"],
+            ["git", "-C", str(REPO), "rev-parse", "HEAD"],
             capture_output=True,
             text=True,
             check=True,
             timeout=10,
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+            ["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
             capture_output=True,
             text=True,
             check=True,

@@ -17,6 +17,7 @@ from typing import Any
 from tagflow import names
 from tagflow.deploy import DEFAULT_LIFT, DEFAULT_THRESHOLD, DEFAULT_TOLERANCE, GATE_METRICS
 from tagflow.errors import InputError, quote
+from tagflow.sagemaker_config import TUNING_STRATEGIES
 
 S3_URI_PATTERN = r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?$"
 # Segments of S3-safe characters, none of them `.` or `..` (tagflow.names says why).
@@ -266,7 +267,7 @@ PARAMS: dict[str, dict[str, Any]] = {
     "tuning_strategy": {
         "type": "string",
         "default": "Bayesian",
-        "enum": ["Bayesian", "Random"],
+        "enum": list(TUNING_STRATEGIES),
         "title": "Tuning strategy",
         "description": "How the next trial's hyperparameters are chosen.",
         "section": "Tuning",

@@ -62,12 +62,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tagflow.errors import InputError
-from tagflow.local.runner import run_training_job
+from tagflow.local.runner import FAILURE_REASON_MAX, run_training_job
 from tagflow.local.runner import validate_request as validate_training_request
 from tagflow.sagemaker_config import (
     LOCAL_METRIC_DEFINITIONS,
     METRIC_DEFINITIONS,
     TRAINING_NAME_MAX,
+    TUNING_STRATEGIES,
     hyperparameter_spec,
 )
 
@@ -82,9 +83,6 @@ log = logging.getLogger(__name__)
 
 ARN_PREFIX = "arn:aws:sagemaker:local:000000000000:hyper-parameter-tuning-job/"
 TRAINING_ARN_PREFIX = "arn:aws:sagemaker:local:000000000000:training-job/"
-STRATEGIES = ("Bayesian", "Random")
-SCALINGS = ("Auto", "Linear", "Logarithmic", "ReverseLogarithmic")
-FAILURE_REASON_MAX = 1024
 EPOCH = re.compile(r"Epoch\[(\d+)\]")
 PRUNER_STARTUP_TRIALS = 1  # completed trials before any trial can be stopped (see the module docstring)
 PRUNER_WARMUP_EPOCHS = 1  # the first epoch (0) is never judged
@@ -137,8 +135,8 @@ def validate_request(request: dict[str, Any]) -> None:
     if not re.fullmatch(pattern, name):
         raise InputError(f"HyperParameterTuningJobName: {name!r} does not match SageMaker's pattern {pattern}")
     config = request["HyperParameterTuningJobConfig"]
-    if config["Strategy"] not in STRATEGIES:
-        raise InputError(f"HyperParameterTuningJobConfig.Strategy: {config['Strategy']!r}; locally {STRATEGIES}")
+    if config["Strategy"] not in TUNING_STRATEGIES:
+        raise InputError(f"HyperParameterTuningJobConfig.Strategy: {config['Strategy']!r}; locally {TUNING_STRATEGIES}")
     objective = config.get("HyperParameterTuningJobObjective")
     metrics = {d["Name"] for d in (*METRIC_DEFINITIONS, *LOCAL_METRIC_DEFINITIONS)}
     if objective is None or objective["MetricName"] not in metrics:
