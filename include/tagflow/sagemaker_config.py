@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from types import ModuleType
 from typing import Any
 
+from tagflow import names
 from tagflow.errors import InputError
 from tagflow.local import REPO
 from tagflow.s3 import S3Uri
@@ -25,7 +26,7 @@ RECORDIO = "application/x-recordio"
 CHANNELS = ("train", "validation")
 TRAINING_NAME_MAX = 63
 TUNING_NAME_MAX = 32
-_NAME_RE = re.compile(r"[a-zA-Z0-9](-*[a-zA-Z0-9])*")
+_NAME_RE = re.compile(names.SAGEMAKER_NAME)
 _ROLE_RE = re.compile(r"arn:aws[a-z\-]*:iam::\d{12}:role/?[a-zA-Z_0-9+=,.@\-_/]+")
 
 # The built-in image-classification algorithm's metric regexes (what SageMaker fills into MetricDefinitions for it);
