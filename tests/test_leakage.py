@@ -65,7 +65,7 @@ def test_planted_near_duplicates_are_found_with_their_training_image(tmp_path, d
             planted[new_id] = (original.image_id, name)
     recs = _pack_side(tmp_path, "train", train), _pack_side(tmp_path, "val", val)
     expected = {new_id: original for new_id, (original, _) in planted.items()}
-    wide = leakage.check_leakage(*recs, max_distance=8)  # every planted variant, and nothing else
+    wide = leakage.check_leakage(*recs, max_distance=8, examples=20)  # every planted variant, and nothing else
     assert wide["validation_images"] == 45 and wide["training_images"] == 50
     assert {e["val_id"]: e["train_id"] for e in wide["examples"]} == expected
     assert wide["leaked"] == 15 and wide["fraction"] == round(15 / 45, 6)
@@ -74,10 +74,13 @@ def test_planted_near_duplicates_are_found_with_their_training_image(tmp_path, d
     distances = [(e["distance"], e["val_id"]) for e in wide["examples"]]
     assert distances == sorted(distances)
     # The default (4 bits) misses a few planted variants (see DEFAULT_MAX_DISTANCE) but flags nothing else.
-    default = leakage.check_leakage(*recs)
+    default = leakage.check_leakage(*recs, examples=20)
     found = {e["val_id"]: e["train_id"] for e in default["examples"]}
     assert found.items() <= expected.items() and len(found) >= 12
-    assert default["leaked"] == len(found) and default["max_distance"] == 4
+    assert default["leaked"] == len(found) and default["max_distance"] == 4 and default["method"] == leakage.HASH
+    # The evaluation lists the closest MAX_EXAMPLES (12) of the 15: the closest first, all of them planted.
+    listed = leakage.check_leakage(*recs, max_distance=8)["examples"]
+    assert listed == wide["examples"][: leakage.MAX_EXAMPLES] and len(listed) == 12
     assert json.loads(json.dumps(default)) == default  # plain JSON for evaluation.json
 
 

@@ -43,7 +43,8 @@ HASH = "edge-phash-64"
 # (JPEG q60), 92 % of darkened, 91-93 % of recoloured (hue +120°, RGB→BGR), 70 % of hue +40° and 55 % of 2-px shifted
 # variants (at 6 bits: 98 %, 96 %, 97-98 %, 84 %, 79 %). 4 flags no distinct design; raise it to catch more shifts.
 DEFAULT_MAX_DISTANCE = 4
-MAX_EXAMPLES = 20
+MAX_EXAMPLES = 12  # closest leaks listed (the report shows each beside its training image)
+_READ_BATCH = 4096  # records held in memory at once while hashing
 _BLOCK = 64  # validation hashes compared at once: 64 × 140,000 × 9 bytes of temporaries ≈ 80 MB
 
 
@@ -83,26 +84,31 @@ def edge_phash(image: bytes) -> int:
 
 
 def record_hashes(rec_path: Path | str, workers: int = 4) -> tuple[np.ndarray, np.ndarray]:
-    """(image IDs, dHashes) of every record in a `.rec` file, in file order (uint64 arrays)."""
+    """(image IDs, hashes) of every record in a `.rec` file, in file order (uint64 arrays). Records are read and
+    hashed _READ_BATCH at a time, so memory stays flat for a training split of any size."""
     ids: list[int] = []
-    images: list[bytes] = []
-    with RecordReader(rec_path) as reader:
+    hashes: list[int] = []
+
+    def one(item: tuple[int, bytes]) -> int:
+        try:
+            return edge_phash(item[1])
+        except (OSError, ValueError) as err:
+            raise TagflowError(f"{rec_path}: image {item[0]} cannot be decoded ({err})") from None
+
+    batch: list[tuple[int, bytes]] = []
+    with RecordReader(rec_path) as reader, ThreadPoolExecutor(max(1, workers)) as pool:
+        # libjpeg-turbo and Pillow release the GIL: threads hash in parallel
         for offset, payload in reader:
             try:
                 header, _, image = unpack_payload(payload)
             except ValueError as err:
                 raise TagflowError(f"{rec_path}: the record at byte {offset} is not an image record ({err})") from None
             ids.append(header.id)
-            images.append(image)
-
-    def one(k: int) -> int:
-        try:
-            return edge_phash(images[k])
-        except (OSError, ValueError) as err:
-            raise TagflowError(f"{rec_path}: image {ids[k]} cannot be decoded ({err})") from None
-
-    with ThreadPoolExecutor(max(1, workers)) as pool:  # libjpeg-turbo and Pillow release the GIL
-        hashes = list(pool.map(one, range(len(images)), chunksize=256))
+            batch.append((header.id, image))
+            if len(batch) == _READ_BATCH:
+                hashes.extend(pool.map(one, batch, chunksize=64))
+                batch = []
+        hashes.extend(pool.map(one, batch, chunksize=64))
     return np.array(ids, dtype=np.uint64), np.array(hashes, dtype=np.uint64)
 
 
@@ -126,37 +132,63 @@ def nearest(queries: np.ndarray, reference: np.ndarray) -> tuple[np.ndarray, np.
 
 
 def find_leaks(
-    val: tuple[np.ndarray, np.ndarray], train: tuple[np.ndarray, np.ndarray], max_distance: int = DEFAULT_MAX_DISTANCE
+    val: tuple[np.ndarray, np.ndarray],
+    train: tuple[np.ndarray, np.ndarray],
+    max_distance: int = DEFAULT_MAX_DISTANCE,
+    examples: int = MAX_EXAMPLES,
 ) -> dict[str, Any]:
-    """The leakage result for (IDs, hashes) of the validation and training images: the validation images within
-    `max_distance` bits of a training image — count, fraction, how many at each distance, and the closest examples
-    (val ID, its nearest train ID, distance)."""
-    if not 0 <= max_distance <= 64:
-        raise ValueError(f"max distance {max_distance}: expected 0..64 bits")
+    """The leakage result (`summarize`) for (IDs, hashes) of the validation and training images."""
     val_ids, val_hashes = val
     train_ids, train_hashes = train
+    _check_distance(max_distance)
     distance, index = nearest(val_hashes, train_hashes)
+    nearest_ids = train_ids[index] if len(train_ids) else np.zeros(len(val_ids), np.uint64)  # index -1: no training
+    return summarize(val_ids, distance, nearest_ids, len(train_ids), max_distance, examples)
+
+
+def _check_distance(max_distance: int) -> None:
+    if not 0 <= max_distance <= 64:
+        raise ValueError(f"max distance {max_distance}: expected 0..64 bits")
+
+
+def summarize(
+    val_ids: np.ndarray,
+    distance: np.ndarray,
+    nearest_ids: np.ndarray,
+    training_images: int,
+    max_distance: int = DEFAULT_MAX_DISTANCE,
+    examples: int = MAX_EXAMPLES,
+) -> dict[str, Any]:
+    """The validation images within `max_distance` bits of a training image, from each one's nearest distance and
+    nearest training ID (`nearest`): method, max_distance, validation_images, training_images, leaked (how many),
+    fraction (leaked / validation_images), by_distance (how many at each distance 0..max_distance) and the
+    `examples` closest (val_id, train_id, distance; closest first, then by val ID). Plain JSON."""
+    _check_distance(max_distance)
     leaked = np.flatnonzero(distance <= max_distance)
     order = leaked[np.lexsort((val_ids[leaked], distance[leaked]))]
-    examples = [
-        {"val_id": int(val_ids[k]), "train_id": int(train_ids[index[k]]), "distance": int(distance[k])}
-        for k in order[:MAX_EXAMPLES].tolist()
+    listed = [
+        {"val_id": int(val_ids[k]), "train_id": int(nearest_ids[k]), "distance": int(distance[k])}
+        for k in order[:examples].tolist()
     ]
     counts = np.bincount(distance[leaked], minlength=max_distance + 1)
     return {
-        "hash": HASH,
+        "method": HASH,
         "max_distance": max_distance,
         "validation_images": len(val_ids),
-        "training_images": len(train_ids),
+        "training_images": int(training_images),
         "leaked": len(leaked),
         "fraction": round(len(leaked) / len(val_ids), 6) if len(val_ids) else 0.0,
         "by_distance": {str(d): int(c) for d, c in enumerate(counts.tolist())},
-        "examples": examples,
+        "examples": listed,
     }
 
 
 def check_leakage(
-    train_rec: Path | str, val_rec: Path | str, max_distance: int = DEFAULT_MAX_DISTANCE, workers: int = 4
+    train_rec: Path | str,
+    val_rec: Path | str,
+    max_distance: int = DEFAULT_MAX_DISTANCE,
+    workers: int = 4,
+    examples: int = MAX_EXAMPLES,
 ) -> dict[str, Any]:
     """Hash every image of the packed `train.rec` and `val.rec` and report the likely leaks (`find_leaks`), with
     the seconds spent hashing and comparing; the result is plain JSON."""
@@ -164,7 +196,7 @@ def check_leakage(
     train = record_hashes(train_rec, workers)
     val = record_hashes(val_rec, workers)
     hashed = time.perf_counter()
-    result = find_leaks(val, train, max_distance)
+    result = find_leaks(val, train, max_distance, examples)
     result["seconds"] = {"hash": round(hashed - started, 3), "compare": round(time.perf_counter() - hashed, 3)}
     log.info(
         "leakage: %d of %d validation images within %d bits of a training image (%d training images)",
