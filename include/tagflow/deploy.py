@@ -181,6 +181,74 @@ def run_note(gate: Mapping[str, Any] | None, training: Mapping[str, Any] | None)
     return None
 
 
+APPROVE, REJECT = "Approve", "Reject"  # the standard provider's ApprovalOperator's two options
+
+
+def _figure(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, (int, float)) and math.isfinite(value) else "—"
+
+
+def approval_body(gate: Mapping[str, Any], report_url: str | None) -> str:
+    """What a person reads before approving a deploy (markdown, shown on the run's Required actions): the
+    candidate beside the serving model and both baselines, all scored on the same validation split, the gate's
+    reason and the report's link. `gate` is evaluate_gate's result; `report_url` the report as a browser opens it."""
+    baselines = gate.get("baselines") or {}
+    candidate = gate.get("candidate") or {}
+    champion = gate.get("champion")
+    rows = [
+        ("**Candidate** (this run's model)", gate.get("mAP"), gate.get("accuracy")),
+        (
+            "Serving model" if champion else "Serving model: none",
+            gate.get("champion_mAP") if champion else None,
+            gate.get("champion_accuracy") if champion else None,
+        ),
+        ("Label-frequency baseline", baselines.get("label_frequency_mAP"), None),
+        ("All-negative predictor (no label)", None, baselines.get("all_negative_accuracy")),
+    ]
+    lines = [
+        "| | macro mAP | accuracy |",
+        "|---|---:|---:|",
+        *(f"| {name} | {_figure(m)} | {_figure(a)} |" for name, m, a in rows),
+        "",
+        f"**Gate ({gate.get('metric', 'mAP')}):** {gate.get('reason', '')}",
+        "",
+        f"- candidate: `{candidate.get('model_data_url', '?')}` (job `{candidate.get('job', '?')}`)",
+        f"- serving model: `{champion}`" if champion else "- serving model: none (the endpoint serves no model)",
+    ]
+    if report_url:
+        lines.append(f"- report: [{report_url.rsplit('/', 1)[-1]}]({report_url})")
+    if gate.get("evaluation"):
+        lines.append(f"- evaluation: `{gate['evaluation']}`")
+    lines += ["", "**Approve** deploys the candidate; **Reject**, or no answer in time, leaves the endpoint as it is."]
+    return "\n".join(lines)
+
+
+def approval_outcome(
+    chosen: Sequence[str], responded_by: Mapping[str, Any] | None, *, timeout_h: float | None = None
+) -> dict[str, Any]:
+    """The approval's answer as the run records it: {"approved", "by", "outcome"}. An answer nobody gave (the
+    timeout's default, Reject, written by the scheduler) is "approval timed out"."""
+    approved = list(chosen) == [APPROVE]
+    by = (responded_by or {}).get("name") or (responded_by or {}).get("id")
+    if by is None:
+        within = f" (no answer within {timeout_h:g} h)" if timeout_h else ""
+        return {"approved": False, "by": None, "outcome": f"approval timed out{within}"}
+    return {"approved": approved, "by": by, "outcome": f"{'approved' if approved else 'rejected'} by {by}"}
+
+
+def with_approval(gate: Mapping[str, Any], approval: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The gate's decision after a person's answer (or its timeout): deployed only if both said yes; the reason
+    leads with the answer. Without an answer (approval auto, or nobody was asked) the gate's decision as it is."""
+    if not approval:
+        return dict(gate)
+    return {
+        **gate,
+        "deploy": bool(gate.get("deploy")) and bool(approval.get("approved")),
+        "reason": f"{approval['outcome']}; the gate: {gate.get('reason', '')}",
+        "approval": dict(approval),
+    }
+
+
 def local_champion(metadata: Mapping[str, Any] | None, endpoint_name: str) -> str | None:
     """The model the local endpoint serves under `endpoint_name` (its /metadata `source`); None if it serves no
     model or serves it under another name (another endpoint's model is no champion for this one)."""

@@ -40,10 +40,10 @@ from pathlib import Path
 from typing import Any
 
 from tagflow import local
+from tagflow.dag_id import DAG_ID
 from tagflow.errors import InputError, TagflowError
 from tagflow.local import airflow, endpoint, process, s3server, services
 
-DAG_ID = "tagflow"
 ADMIN_USER = "admin"  # SimpleAuthManager's default `[core] simple_auth_manager_users` is admin:admin
 PASSWORD_FILE = "simple_auth_manager_passwords.json.generated"
 PREFERRED_PORT = 8080
