@@ -28,10 +28,10 @@ from tagflow.pack import (
     encode_image,
     pack,
     pack_with_im2rec,
-    split_of,
     target_geometry,
 )
-from tagflow.recordio import RecordReader, unpack_payload
+from tagflow.recordio import RecordReader, read_index, unpack_payload
+from tagflow.shards import side_of_key
 from test_download import CATCH, in_small_fs
 
 N_LABELS = 5
@@ -218,20 +218,6 @@ def test_undecodable_input_raises_image_error(images, name):
     assert caught.value.reason.startswith(BAD[name][1])
 
 
-def test_split_is_a_stable_function_of_the_id():
-    # Pinned: a change here would move images between train and val on the next run.
-    assert "".join(split_of(i, 0.5)[0] for i in range(12)) == "vvtvtvtvvvvv"
-    # The split is blake2b-64 of the decimal ID, as a fraction compared with the ratio.
-    for image_id in (7, 8, 2**63):
-        digest = hashlib.blake2b(str(image_id).encode(), digest_size=8).digest()
-        fraction = int.from_bytes(digest, "big") / 2**64
-        assert split_of(image_id, fraction + 1e-9) == "train" and split_of(image_id, fraction - 1e-9) == "val"
-    ids = range(20_000)
-    assert abs(sum(split_of(i, 0.9) == "train" for i in ids) / len(ids) - 0.9) < 0.01
-    assert {split_of(i, 1.0) for i in ids} == {"train"}
-    assert {split_of(i, 0.0) for i in ids} == {"val"}
-
-
 def test_pack_params_validation_and_digest():
     assert PackParams().digest() == PackParams().digest()
     assert PackParams().digest() != PackParams(quality=90).digest()
@@ -296,7 +282,7 @@ def test_pack_writes_sorted_records_and_reports_bad_images(items, packed):
         keys = [row[0] for row in rows]
         assert keys == sorted(keys) and len(keys) == report.counts[split] > 0
         for key, header_id, labels, shape in rows:
-            assert split_of(key, PARAMS.train_ratio) == split and header_id == key
+            assert side_of_key(str(key), PARAMS.train_ratio) == split and header_id == key
             assert labels == by_id[key][0].tolist()
             assert (shape[1], shape[0]) == GOOD[by_id[key][1].name][1]
         expected_counts = np.sum([by_id[k][0] for k in keys], axis=0).tolist()
@@ -313,6 +299,34 @@ def test_pack_output_is_identical_across_runs_and_worker_counts(items, packed, t
         assert again.counts == packed[1].counts
         for name in ("train.rec", "train.idx", "val.rec", "val.idx"):
             assert (tmp_path / str(workers) / name).read_bytes() == (out / name).read_bytes(), name
+
+
+def test_pack_puts_each_image_on_the_side_its_caller_gives(items, packed, tmp_path):
+    """A split plan's sides (by group) in one pass; the plan's sides by ID are exactly the packer's own."""
+    out, report, _ = packed
+    own = {image_id: side_of_key(str(image_id), PARAMS.train_ratio) for image_id, _, _ in items}
+    same = pack(items, tmp_path / "same", PARAMS, workers=2, sides=own)
+    assert same.counts == report.counts
+    for name in ("train.rec", "train.idx", "val.rec", "val.idx"):
+        assert (tmp_path / "same" / name).read_bytes() == (out / name).read_bytes(), name
+    flipped = {image_id: "val" if side == "train" else "train" for image_id, side in own.items()}
+    again = pack(items, tmp_path / "flipped", PARAMS, workers=2, sides=flipped)
+    assert again.counts == {"train": report.counts["val"], "val": report.counts["train"]}
+    assert again.label_counts == {"train": report.label_counts["val"], "val": report.label_counts["train"]}
+    for split, other in (("train", "val"), ("val", "train")):
+        # the same records, byte for byte, under the other side's name
+        assert (tmp_path / "flipped" / f"{split}.rec").read_bytes() == (out / f"{other}.rec").read_bytes()
+        assert set(read_index(tmp_path / "flipped" / f"{split}.idx")) == set(read_index(out / f"{other}.idx"))
+
+
+def test_pack_refuses_sides_that_leave_an_image_out(items, tmp_path):
+    first, second = items[0][0], items[1][0]
+    sides = {image_id: "train" for image_id, _, _ in items if image_id != first}
+    with pytest.raises(ValueError, match=rf"^image {first} \(.*\): no side in the split, expected 'train' or 'val'$"):
+        pack(items, tmp_path, PARAMS, sides=sides)
+    with pytest.raises(ValueError, match=rf"^image {second} \(.*\): side 'test' in the split"):
+        pack(items, tmp_path, PARAMS, sides={**sides, first: "val", second: "test"})
+    assert list(tmp_path.iterdir()) == []  # refused before anything was written
 
 
 def test_pack_rejects_duplicate_ids_and_uneven_labels(images, tmp_path):
@@ -397,6 +411,17 @@ def test_im2rec_engine_matches_native(items, packed, packed_im2rec):
             for key in ours:
                 pa, pb = (_decode(unpack_payload(r.read(key))[2]) for r in (a, b))
                 assert _psnr(pa, pb) > 25, by_id[key]
+
+
+@pytest.mark.mxnet
+def test_im2rec_engine_takes_the_callers_sides_too(items, tmp_path):
+    good = sorted(item for item in items if item[2].name in ("land.jpg", "port.jpg", "odd.jpg", "gray.png"))
+    sides = {image_id: ("train", "val")[k % 2] for k, (image_id, _, _) in enumerate(good)}
+    assert sides != {i: side_of_key(str(i), PARAMS.train_ratio) for i in sides}  # not what the hash would give
+    report = pack_with_im2rec(good, tmp_path, PARAMS, workers=2, sides=sides)
+    for split in ("train", "val"):
+        assert sorted(read_index(tmp_path / f"{split}.idx")) == sorted(i for i, s in sides.items() if s == split)
+    assert report.counts == {s: list(sides.values()).count(s) for s in ("train", "val")}
 
 
 @pytest.mark.mxnet

@@ -3,18 +3,18 @@ that every image of one design lands on one side. Data goes through the real loc
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tagflow import demo, pipeline, s3
+from tagflow import demo, jobs, pipeline, runconfig, s3
 from tagflow.errors import InputError, ListFileError
 from tagflow.listfile import parse_list
-from tagflow.pack import split_of
 from tagflow.recordio import read_index
-from tagflow.shards import parse_group_file, plan_split, side_of_key
+from tagflow.shards import parse_group_file, plan_split, side_of_key, sides_by_id
 
 NUM = demo.NUM_LABELS
 GROUP_RE = r"^designs/(d\d+)/"
@@ -46,14 +46,27 @@ def _sides(plan) -> list[str]:
 # --- core -----------------------------------------------------------------------------------------------------
 
 
-def test_without_a_group_key_the_sides_are_todays_exactly():
+def test_the_side_is_a_stable_function_of_the_key():
+    # Pinned: a change here would move images between train and val on the next run.
+    assert "".join(side_of_key(str(i), 0.5)[0] for i in range(12)) == "vvtvtvtvvvvv"
+    # The side is blake2b-64 of the key (the decimal ID, or the group), as a fraction compared with the ratio.
+    for key in ("7", "8", str(2**63), "design one"):
+        digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
+        fraction = int.from_bytes(digest, "big") / 2**64
+        assert side_of_key(key, fraction + 1e-9) == "train" and side_of_key(key, fraction - 1e-9) == "val"
+    ids = range(20_000)
+    assert abs(sum(side_of_key(str(i), 0.9) == "train" for i in ids) / len(ids) - 0.9) < 0.01
+    assert {side_of_key(str(i), 1.0) for i in ids} == {"train"}
+    assert {side_of_key(str(i), 0.0) for i in ids} == {"val"}
+
+
+def test_without_a_group_key_the_plan_splits_by_id():
     ids = [*range(0, 20_000, 7), 2**40 + 5, 2**62]
-    for ratio in (0.9, 0.5, 0.0, 1.0):
-        assert [side_of_key(str(i), ratio) for i in ids] == [split_of(i, ratio) for i in ids]
     lf = parse_list(_list([(i, f"img/{i}.jpg") for i in ids]), 3, name="plain.lst")
     plan = plan_split(lf, 0.9)
-    assert _sides(plan) == [split_of(i, 0.9) for i in ids]
+    assert _sides(plan) == [side_of_key(str(i), 0.9) for i in ids]
     assert plan.record == {"by": "image_id", "train_ratio": 0.9}
+    assert sides_by_id(lf.ids, plan.sides()) == {i: side_of_key(str(i), 0.9) for i in ids}
 
 
 def test_a_grouped_split_keeps_every_group_on_one_side():
@@ -220,7 +233,7 @@ def test_the_pipeline_packs_every_group_on_one_side_and_records_the_split(s3_cli
 
     # The same data without a group key: today's sides by ID, recorded as such, staged apart from the grouped packs.
     pipeline.run(_spec(bucket, where), s3_client)
-    assert _published_sides(s3_client, bucket, tmp_path) == {i: split_of(i, 0.6) for i, _ in rows}
+    assert _published_sides(s3_client, bucket, tmp_path) == {i: side_of_key(str(i), 0.6) for i, _ in rows}
     assert _manifest(s3_client, bucket)["split"] == {"by": "image_id", "train_ratio": 0.6}
 
 
@@ -253,3 +266,38 @@ def test_a_partitioned_list_names_the_partition_and_line(s3_client, bucket):
     spec = _spec(bucket, {**where, "list_uri": f"s3://{bucket}/raw/lists/"}, split_group_regex=GROUP_RE)
     with pytest.raises(ListFileError, match=r"^s3://.*/raw/lists/dt=2026-11-02/p\.lst:2: path 'other/b\.jpg' does n"):
         pipeline.prepare(spec, s3_client)
+
+
+def test_the_forms_group_regex_reaches_the_data_plane(s3_client, bucket):
+    """The trigger form's field, resolved as the DAG resolves it, gives `prepare` a grouped plan."""
+    rows = _variants(1, designs=10, per_design=3)
+    s3_client.put_object(Bucket=bucket, Key="raw/lists/designs.lst", Body=_list(rows, NUM))
+    s3_client.put_object(Bucket=bucket, Key="raw/labels.txt", Body="\n".join(demo.LABEL_NAMES).encode())
+    form = {
+        "list_uri": f"s3://{bucket}/raw/lists/designs.lst",
+        "images_uri": f"s3://{bucket}/raw/",
+        "labels_uri": f"s3://{bucket}/raw/labels.txt",
+        "bucket": bucket,
+        "dataset_prefix": "dataset",
+        "shard_size": 8,
+        "train_ratio": 0.5,
+    }
+    ref = pipeline.prepare(jobs.dataset_spec(runconfig.resolve({**form, "split_group_regex": GROUP_RE})), s3_client)
+    doc = json.loads(s3_client.get_object(Bucket=bucket, Key=s3.S3Uri.parse(ref.plan_uri).key)["Body"].read())
+    assert doc["spec"]["split_group_regex"] == GROUP_RE
+    assert doc["split"]["by"] == "group_regex" and doc["split"]["group_regex"] == GROUP_RE
+    assert sum(doc["split"]["groups"].values()) == 10
+    base = ref.plan_uri.rsplit("/", 1)[0].split("/", 3)[3]
+    staged = "".join(
+        s3_client.get_object(Bucket=bucket, Key=f"{base}/shards/{i:05d}.sides")["Body"].read().decode()
+        for i in range(ref.num_shards)
+    )
+    assert ref.num_shards >= 3 and len(staged) == len(rows)
+    side_of_group: dict[str, set[str]] = {}
+    for (_, path), side in zip(rows, staged, strict=True):  # the rows are in ID order, as the plan's
+        side_of_group.setdefault(path.split("/")[1], set()).add(side)
+    assert all(len(sides) == 1 for sides in side_of_group.values()) and set(staged) == {"t", "v"}
+    # Without the field the same form splits by image ID, and stages no sides.
+    plain = pipeline.prepare(jobs.dataset_spec(runconfig.resolve(form)), s3_client)
+    doc = json.loads(s3_client.get_object(Bucket=bucket, Key=s3.S3Uri.parse(plain.plan_uri).key)["Body"].read())
+    assert doc["split"] == {"by": "image_id", "train_ratio": 0.5} and plain.plan_uri != ref.plan_uri

@@ -50,6 +50,27 @@ LabelsOpt = Annotated[
     str | None,
     typer.Option("--labels", help="Label names, one per line in column order (file or s3:// URI)."),
 ]
+# The split's group key (tagflow.shards.plan_split): the same two options, same meaning, on `run` and `pack`.
+GroupRegexOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--group-regex",
+        metavar="REGEX",
+        help="Split by group, not by image: a group is the images that must stay on one side of the train/val "
+        "split (variants of one design). The group is this regular expression's first capture group over each list "
+        "path, else its whole match, e.g. '^designs/([^/]+)/'; a path it does not match is refused (exit 2, naming "
+        "the list line). A group keeps its side as the list grows.",
+    ),
+]
+GroupFileOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--group-file",
+        metavar="FILE",
+        help="Split by group, the groups given by ID: a file or s3:// object of ID<TAB>GROUP lines; a listed image "
+        "it gives no group is refused (exit 2, naming the list line). Not with --group-regex.",
+    ),
+]
 
 
 INTERRUPTED = 130  # the exit status of a command stopped by Ctrl-C (128 + SIGINT)
@@ -64,6 +85,16 @@ def _on_interrupt(sentence: str) -> None:
 def _max_pixels(value: int | None) -> dict[str, int]:
     """PackParams' max_pixels when the flag was given (its default lives in tagflow.pack)."""
     return {} if value is None else {"max_pixels": value}
+
+
+def _group_key(regex: str | None, group_file: str | None) -> None:
+    """Refuse two group keys, or an empty one, before anything is read."""
+    from tagflow.errors import InputError
+
+    if regex is not None and group_file is not None:
+        raise InputError("--group-regex and --group-file were both given; choose one group key")
+    if regex == "" or group_file == "":
+        raise InputError(f"{'--group-regex' if regex == '' else '--group-file'} is empty; omit it to split by image ID")
 
 
 def _emit(as_json: bool, summary: dict[str, Any], sentence: str) -> None:
@@ -192,23 +223,32 @@ def pack(
     center_crop: Annotated[bool, typer.Option(help="Crop the centre square first: exact RESIZE×RESIZE.")] = False,
     quality: Annotated[int, typer.Option(min=1, max=100, help="JPEG quality.")] = 95,
     encoding: Annotated[str, typer.Option(help="Image encoding inside records: .jpg or .png.")] = ".jpg",
-    train_ratio: Annotated[float, typer.Option(min=0, max=1, help="Share of images in train (stable by ID).")] = 0.9,
+    train_ratio: Annotated[
+        float, typer.Option(min=0, max=1, help="Share of images (or of groups) in train, stable by ID (or group).")
+    ] = 0.9,
+    group_regex: GroupRegexOpt = None,
+    group_file: GroupFileOpt = None,
     workers: Annotated[int | None, typer.Option(min=1, help="Processes (default: all cores).")] = None,
     engine: Annotated[str, typer.Option(help="native, or mxnet (MXNet's own im2rec, for comparison).")] = "native",
     max_pixels: MaxPixels = None,
     max_bad_fraction: Annotated[float, typer.Option(min=0, max=1, help="Fail above this share of bad images.")] = 0.01,
     as_json: JsonFlag = False,
 ) -> None:
-    """Pack images into im2rec-compatible RecordIO with multi-hot labels, split train/val by a hash of the ID."""
+    """Pack images into im2rec-compatible RecordIO with multi-hot labels, split train/val by a hash of the ID (or
+    of its group, with --group-regex or --group-file)."""
     from tagflow import manifest
     from tagflow import pack as packing
     from tagflow.errors import InputError, check_bad_fraction
     from tagflow.listfile import infer_num_labels, list_warnings, parse_list
     from tagflow.paths import local_path
-    from tagflow.pipeline import load_label_names, read_location
+    from tagflow.pipeline import load_groups, load_label_names, read_location
+    from tagflow.shards import compile_group_regex, plan_split, sides_by_id
 
     if engine not in ("native", "mxnet"):
         raise InputError(f"--engine {engine!r}: expected 'native' or 'mxnet'")
+    _group_key(group_regex, group_file)
+    if group_regex is not None:
+        compile_group_regex(group_regex)
     params = packing.PackParams(
         resize=resize,
         center_crop=center_crop,
@@ -223,6 +263,9 @@ def pack(
     names = load_label_names(labels, num_labels)
     for message in list_warnings(listfile, names).messages():
         typer.echo(f"warning: {message}", err=True)
+    grouped = group_regex is not None or group_file is not None
+    split = plan_split(listfile, train_ratio, regex=group_regex, groups=load_groups(group_file)) if grouped else None
+    sides = sides_by_id(listfile.ids.tolist(), split.sides()) if split is not None else None
     items = [
         (int(i), listfile.labels[row], local_path(root, listfile.paths[row])) for row, i in enumerate(listfile.ids)
     ]
@@ -239,13 +282,21 @@ def pack(
         _on_interrupt(f"{out_dir} is as it was: the new files replace it only together, when all are whole")
     with _progress("pack") as update:
         if engine == "native":
-            report = packing.pack(items, out_dir, params, workers=workers, progress=update)
+            report = packing.pack(items, out_dir, params, workers=workers, progress=update, sides=sides)
         else:
-            report = packing.pack_with_im2rec(items, out_dir, params, workers=workers)
+            report = packing.pack_with_im2rec(items, out_dir, params, workers=workers, sides=sides)
     errors = [dict(e) for e in report.to_dict()["errors"]]
     try:
         check_bad_fraction(errors, len(listfile), max_bad_fraction)
-        manifest.build(out_dir, listfile=listfile, label_names=names, pack_params=params, errors=errors, list_name=name)
+        manifest.build(
+            out_dir,
+            listfile=listfile,
+            label_names=names,
+            pack_params=params,
+            errors=errors,
+            split=split.record if split is not None else None,
+            list_name=name,
+        )
     except BaseException:
         for path in dataset_files:
             path.unlink(missing_ok=True)
@@ -286,7 +337,11 @@ def run(
     shard_size: Annotated[int, typer.Option(min=1, help="Images per shard (target).")] = 5000,
     resize: Annotated[int, typer.Option(min=8, max=MAX_RESIZE, help="Shorter side in pixels.")] = 96,
     quality: Annotated[int, typer.Option(min=1, max=100)] = 95,
-    train_ratio: Annotated[float, typer.Option(min=0, max=1)] = 0.9,
+    train_ratio: Annotated[
+        float, typer.Option(min=0, max=1, help="Share of images (or of groups) in train, stable by ID (or group).")
+    ] = 0.9,
+    group_regex: GroupRegexOpt = None,
+    group_file: GroupFileOpt = None,
     max_bad_fraction: Annotated[float, typer.Option(min=0, max=1)] = 0.01,
     max_pixels: MaxPixels = None,
     as_json: JsonFlag = False,
@@ -295,6 +350,7 @@ def run(
     from tagflow import pipeline
     from tagflow.pack import PackParams
 
+    _group_key(group_regex, group_file)
     spec = pipeline.DatasetSpec(
         list_uri=list_file,
         dataset_uri=dataset,
@@ -305,6 +361,8 @@ def run(
         shard_size=shard_size,
         pack=PackParams(resize=resize, quality=quality, train_ratio=train_ratio, **_max_pixels(max_pixels)),
         max_bad_fraction=max_bad_fraction,
+        split_group_regex=group_regex,
+        split_group_file=group_file,
     )
 
     def on_stage(name: str, seconds: float, _: dict) -> None:

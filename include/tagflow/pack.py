@@ -39,7 +39,7 @@ import struct
 import subprocess
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -54,6 +54,7 @@ from PIL import Image, ImageOps
 from tagflow.download import ensure_folder, open_header
 from tagflow.errors import InputError, TagflowError, os_failure, quote
 from tagflow.recordio import RecordWriter, read_index
+from tagflow.shards import side_of_key
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,7 @@ DEFAULT_MAX_PIXELS = 4096 * 4096
 SPLITS = ("train", "val")
 Split = Literal["train", "val"]
 PackItem = tuple[int, "np.ndarray | Sequence[float]", Path]
+Sides = Mapping[int, str]  # image ID → "train" or "val", as the split plan decided (tagflow.shards)
 Progress = Callable[[int, int], None]
 
 
@@ -130,12 +132,6 @@ class PackParams:
             "opencv": cv2.__version__,
         }
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def split_of(image_id: int, train_ratio: float) -> Split:
-    """'train' or 'val' from a hash of the ID alone, so an image keeps its side when others are added."""
-    digest = hashlib.blake2b(str(int(image_id)).encode(), digest_size=8).digest()
-    return "train" if int.from_bytes(digest, "big") / 2**64 < train_ratio else "val"
 
 
 # --- one image -------------------------------------------------------------------------------------------------
@@ -383,6 +379,21 @@ def _prepare(items: Iterable[PackItem]) -> tuple[list[tuple[int, np.ndarray, Pat
     return prepared, width
 
 
+def _sides_of(prepared: Sequence[tuple[int, np.ndarray, Path]], train_ratio: float, sides: Sides | None) -> list[str]:
+    """Each item's side: the caller's `sides` (the split plan's, e.g. by group), else the hash of its ID
+    (`tagflow.shards.side_of_key`, the one side rule). A given mapping must name every item."""
+    if sides is None:
+        return [side_of_key(str(image_id), train_ratio) for image_id, _, _ in prepared]
+    chosen = []
+    for image_id, _, path in prepared:
+        side = sides.get(image_id)
+        if side not in SPLITS:
+            got = "no side" if side is None else f"side {quote(side)}"
+            raise ValueError(f"image {image_id} ({quote(str(path))}): {got} in the split, expected 'train' or 'val'")
+        chosen.append(side)
+    return chosen
+
+
 def _encode_file(path: str, params: PackParams) -> tuple[bytes | None, str | None]:
     """One image: (encoded image, None) or (None, reason)."""
     try:
@@ -424,12 +435,16 @@ def pack(
     params: PackParams = PackParams(),  # frozen, so sharing the default is safe
     workers: int | None = None,
     progress: Progress | None = None,
+    *,
+    sides: Sides | None = None,
 ) -> PackReport:
     """Pack (image_id, labels, path) items into out_dir/{train,val}.{rec,idx} with the native engine.
 
-    Records are in image-ID order within each split; the split comes from `split_of`. Unreadable images are
-    recorded in the report and skipped. The output bytes depend only on the items and `params`, not on `workers`
-    (default: all cores) or timing.
+    Records are in image-ID order within each split. Each image goes to the side `sides` gives its ID (the split
+    plan's, `tagflow.shards.plan_split`: by group with a group key), else to the side of a hash of its ID at
+    `params.train_ratio` (`tagflow.shards.side_of_key`). Unreadable images are recorded in the report and skipped.
+    The output bytes depend only on the items, their sides and `params`, not on `workers` (default: all cores) or
+    timing.
 
     The four files are written whole or not at all: under `.partial` names, renamed into place together only when
     every record is written. Before the renames an earlier `manifest.json` in `out_dir` is removed, since it no
@@ -439,6 +454,7 @@ def pack(
     """
     started = time.perf_counter()
     prepared, width = _prepare(items)
+    side_of = _sides_of(prepared, params.train_ratio, sides)
     out_dir = ensure_folder(Path(out_dir), "pack output folder")
     workers = max(1, workers or default_workers())
     report = PackReport(out_dir, "native", params, label_counts={s: [0] * width for s in SPLITS})
@@ -460,12 +476,12 @@ def pack(
     writers = {s: RecordWriter(out_dir / f"{s}.rec", out_dir / f"{s}.idx", deferred=True) for s in SPLITS}
     try:
         with writers["train"], writers["val"]:
-            for done, ((image_id, labels, path), (image, reason)) in enumerate(zip(prepared, results, strict=True), 1):
+            rows = zip(prepared, side_of, results, strict=True)
+            for done, ((image_id, labels, path), split, (image, reason)) in enumerate(rows, 1):
                 if image is None:
                     report.errors.append(ImageFailure(image_id, str(path), reason or "unknown"))
                     log.debug("skipped image %d (%s): %s", image_id, quote(str(path)), reason)
                 else:
-                    split = split_of(image_id, params.train_ratio)
                     writers[split].write_image(image_id, labels, image)
                     report.counts[split] += 1
                     sums[split] += labels.astype(np.int64)
@@ -522,8 +538,10 @@ def pack_with_im2rec(
     params: PackParams = PackParams(),
     workers: int | None = None,
     progress: Progress | None = None,
+    *,
+    sides: Sides | None = None,
 ) -> PackReport:
-    """Pack with MXNet's own im2rec (`--pack-label`) in the algorithm environment; same outputs as `pack`.
+    """Pack with MXNet's own im2rec (`--pack-label`) in the algorithm environment; same outputs and sides as `pack`.
 
     Writes `train.lst`/`val.lst` (IDs in ascending order, absolute paths) and runs im2rec once per split.
     im2rec writes records in list order whatever its thread count, so the output is deterministic. Its
@@ -532,6 +550,7 @@ def pack_with_im2rec(
     """
     started = time.perf_counter()
     prepared, width = _prepare(items)
+    side_of = _sides_of(prepared, params.train_ratio, sides)
     out_dir = ensure_folder(Path(out_dir), "pack output folder")
     python = mxnet_python()
     if not python.exists():
@@ -543,8 +562,8 @@ def pack_with_im2rec(
     work.mkdir()
     report = PackReport(out_dir, "mxnet", params)
     by_split: dict[str, list[tuple[int, np.ndarray, Path]]] = {s: [] for s in SPLITS}
-    for item in prepared:
-        by_split[split_of(item[0], params.train_ratio)].append(item)
+    for item, split in zip(prepared, side_of, strict=True):
+        by_split[split].append(item)
     done = 0
     try:
         for split in SPLITS:

@@ -26,7 +26,6 @@ and applies the bad-object threshold over the whole list before anything is uplo
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import io
 import json
@@ -44,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from tagflow import manifest, s3
-from tagflow.errors import InputError, TagflowError, check_bad_fraction, describe_os_error, quote
+from tagflow.errors import InputError, check_bad_fraction, describe_os_error, quote
 from tagflow.listfile import (
     ListFile,
     concat_lists,
@@ -68,6 +67,7 @@ from tagflow.shards import (
     parse_group_file,
     plan_shards,
     plan_split,
+    sides_by_id,
 )
 
 log = logging.getLogger(__name__)
@@ -193,11 +193,11 @@ def _exists(client, uri: s3.S3Uri) -> bool:
     return s3.object_sha256(client, uri) is not None
 
 
-def load_groups(spec: DatasetSpec, client=None) -> GroupFile | None:
-    """The spec's group file, parsed; None without one."""
-    if spec.split_group_file is None:
+def load_groups(location: str | None, client=None) -> GroupFile | None:
+    """A group file (local or `s3://`, ID<TAB>GROUP lines), parsed; None without one."""
+    if location is None:
         return None
-    data, name = read_location(spec.split_group_file, client)
+    data, name = read_location(location, client)
     return parse_group_file(data, name)
 
 
@@ -215,7 +215,7 @@ def prepare(spec: DatasetSpec, client=None) -> PlanRef:
     (`NNNNN.sides`, one `t`/`v` per row), decided here once for the whole list.
     """
     client = client or s3.make_client()
-    groups = load_groups(spec, client)
+    groups = load_groups(spec.split_group_file, client)
     listfile = read_list(spec, client, groups=groups).sorted_by_id()
     split = split_plan(spec, listfile, groups)
     # A bad names file fails here, before any download; valid but suspicious lists are said in the task's log.
@@ -415,11 +415,8 @@ def pack_shard(spec: DatasetSpec, ref: PlanRef, index: int, client=None) -> dict
         files = {i: local_path(root, rows_file.paths[i]) for i in rows}
         items = [(int(rows_file.ids[i]), rows_file.labels[i], files[i]) for i in rows]
         out = Path(tmp) / "packed"
-        if sides is None:
-            report = pack(items, out, spec.pack, workers=spec.pack_workers).to_dict()
-        else:
-            train = {int(rows_file.ids[i]) for i in range(len(rows_file)) if sides[i] == "t"}
-            report = _pack_sides(items, train, out, spec)
+        by_id = None if sides is None else sides_by_id(rows_file.ids.tolist(), sides)
+        report = pack(items, out, spec.pack, workers=spec.pack_workers, sides=by_id).to_dict()
         list_path = {str(files[i]): rows_file.paths[i] for i in rows}
         for err in report["errors"]:  # name the image as the list does, not by its temporary file
             err["path"] = list_path.get(err["path"], err["path"])
@@ -440,32 +437,6 @@ def _load_sides(client, ref: PlanRef, index: int, rows: int) -> str:
     if len(sides) != rows or set(sides) - {"t", "v"}:
         raise InputError(f"{name}: expected {rows} characters t or v (one per row of shard {index})")
     return sides
-
-
-def _pack_sides(items: list, train_ids: set[int], out: Path, spec: DatasetSpec) -> dict[str, Any]:
-    """Pack with the sides decided by the group split: each side's images packed with a ratio that puts them all
-    on that side (1.0: every hash is below it; 0.0: none is), then the two halves put together as one pack's files."""
-    halves = {}
-    for split, ratio in (("train", 1.0), ("val", 0.0)):
-        chosen = [item for item in items if (item[0] in train_ids) == (split == "train")]
-        params = dataclasses.replace(spec.pack, train_ratio=ratio)
-        halves[split] = pack(chosen, out / f".{split}", params, workers=spec.pack_workers).to_dict()
-        other = "val" if split == "train" else "train"
-        if halves[split]["counts"][other]:  # a hash within 2**-53 of 1.0 rounds to it: never seen, but be sure
-            raise TagflowError(f"packing the {split} side of a grouped split put an image on the {other} side")
-    for split in SPLITS:
-        for ext in ("rec", "idx"):
-            (out / f".{split}" / f"{split}.{ext}").replace(out / f"{split}.{ext}")
-    train, val = halves["train"], halves["val"]
-    return {
-        **train,
-        "out_dir": str(out),
-        "params": spec.pack.to_dict(),
-        "counts": {"train": train["counts"]["train"], "val": val["counts"]["val"]},
-        "label_counts": {split: halves[split]["label_counts"][split] or [0] * spec.num_labels for split in SPLITS},
-        "errors": sorted(train["errors"] + val["errors"], key=lambda e: e["image_id"]),
-        "seconds": round(train["seconds"] + val["seconds"], 3),
-    }
 
 
 def _write_tar(path: Path, root: Path, files: list[Path], extra: dict[str, Any]) -> None:

@@ -44,7 +44,7 @@ import numpy as np
 from tagflow.errors import QUOTE_LIMIT, InputError, ListFileError, quote
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator, Mapping
+    from collections.abc import Iterator, Mapping, Sequence
 
     from tagflow.listfile import ListFile
 
@@ -189,7 +189,7 @@ def plan_shards(
 # Each image's side comes from a 64-bit blake2b hash of its split key: `hash / 2**64 < train_ratio` is train. The key
 # is the image ID (as decimal text) unless a group key is given, then the group: every image of a group lands on the
 # group's side, and since the side depends on the key alone, neither an image nor a group ever changes side when the
-# dataset grows. Without a group key the sides are exactly those of `tagflow.pack.split_of`.
+# dataset grows. This is the one side rule: `tagflow.pack` applies it by ID when it is given no plan.
 
 SPLIT_BY_ID = "image_id"
 SPLIT_BY_REGEX = "group_regex"
@@ -197,7 +197,7 @@ SPLIT_BY_FILE = "group_file"
 
 
 def side_of_key(key: str, train_ratio: float) -> str:
-    """'train' or 'val' from a hash of `key` alone; with key = str(image ID), `tagflow.pack.split_of` exactly."""
+    """'train' or 'val' from a hash of `key` alone (the image ID as decimal text, or its group)."""
     digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
     return "train" if int.from_bytes(digest, "big") / 2**64 < train_ratio else "val"
 
@@ -304,6 +304,14 @@ class SplitPlan:
     def sides(self, start: int = 0, stop: int | None = None) -> str:
         """Rows [start, stop) as one character each, `t` or `v` (how a shard's sides are staged)."""
         return "".join("t" if t else "v" for t in self.train[start:stop].tolist())
+
+
+def sides_by_id(ids: Sequence[int] | np.ndarray, sides: str) -> dict[int, str]:
+    """Image ID → 'train'/'val' for rows with these IDs and these sides (`SplitPlan.sides`: `t`/`v` per row), as
+    `tagflow.pack.pack` takes them."""
+    if len(ids) != len(sides):
+        raise ValueError(f"{len(ids)} IDs but {len(sides)} sides")
+    return {int(i): "train" if side == "t" else "val" for i, side in zip(ids, sides, strict=True)}
 
 
 def plan_split(
