@@ -312,3 +312,115 @@ def test_parse_warns_about_a_valid_but_suspicious_list(tmp_path):
     assert "'a.jpg' under ID 1 (line 1) and ID 2 (line 2)" in warnings[2]
     counts = ok("parse", str(listed), "-n", "2")["warnings"]
     assert (counts["images_without_labels"], counts["paths_under_several_ids"]) == (3, 1), counts
+
+
+# --- the split's group key: --group-regex / --group-file on `run` and `pack` (issue 9, part 9) ---------------------
+
+GROUP_RE = r"^designs/(d\d+)/"
+
+
+def _variant_rows(designs: int, per_design: int) -> list[tuple[int, str]]:
+    """(ID, path): `per_design` variants of each design in its own folder, IDs consecutive across designs."""
+    return [(1 + d * per_design + k, f"designs/d{d:03d}/v{k}.img") for d in range(designs) for k in range(per_design)]
+
+
+def _list_text(rows: list[tuple[int, str]], labels: dict[int, list[int]]) -> str:
+    return "".join("\t".join([str(i), *map(str, labels[i]), path]) + "\n" for i, path in rows)
+
+
+def _publish_variants(client, bucket: str, rows: list[tuple[int, str]]) -> str:
+    """Demo designs uploaded under s3://BUCKET/raw/ at `rows`' paths, and a list naming them; returns its URI."""
+    labels = {}
+    for (image_id, path), design in zip(rows, demo.generate(len(rows), seed=8, workers=1), strict=True):
+        client.put_object(Bucket=bucket, Key=f"raw/{path}", Body=design.data)
+        labels[image_id] = design.labels.tolist()
+    client.put_object(Bucket=bucket, Key="raw/lists/designs.lst", Body=_list_text(rows, labels).encode())
+    return f"s3://{bucket}/raw/lists/designs.lst"
+
+
+def _sides_by_group(rows: list[tuple[int, str]], side: dict[int, str]) -> dict[str, set[str]]:
+    groups: dict[str, set[str]] = {}
+    for image_id, path in rows:
+        groups.setdefault(path.split("/")[1], set()).add(side[image_id])
+    return groups
+
+
+def test_run_with_a_group_regex_keeps_every_design_on_one_side(s3_server, s3_client, bucket, tmp_path):
+    from tagflow.recordio import read_index
+    from tagflow.shards import side_of_key
+
+    rows = _variant_rows(designs=12, per_design=3)
+    # The data is such that a split by ID would put variants of one design on both sides.
+    assert any(len(s) > 1 for s in _sides_by_group(rows, {i: side_of_key(str(i), 0.5) for i, _ in rows}).values())
+    list_uri = _publish_variants(s3_client, bucket, rows)
+    summary = ok("run", list_uri, f"s3://{bucket}/dataset", "-n", "50", "--source", f"s3://{bucket}/raw/",
+                 "--shard-size", "8", "--resize", "32", "--train-ratio", "0.5", "--group-regex", GROUP_RE)  # fmt: skip
+    assert summary["plan"]["num_shards"] >= 3  # designs cross shard boundaries
+    side = {}
+    for split, folder in (("train", "training"), ("val", "validation")):
+        s3.get_file(s3_client, s3.S3Uri(bucket, f"dataset/{folder}/{split}.idx"), tmp_path / f"{split}.idx")
+        side.update(dict.fromkeys(read_index(tmp_path / f"{split}.idx"), split))
+    assert sorted(side) == [i for i, _ in rows]
+    groups = _sides_by_group(rows, side)
+    assert all(len(s) == 1 for s in groups.values()) and set(side.values()) == {"train", "val"}
+    doc = json.loads(s3_client.get_object(Bucket=bucket, Key="dataset/training/manifest.json")["Body"].read())
+    n_train = sum(s == {"train"} for s in groups.values())
+    assert doc["split"] == {"by": "group_regex", "train_ratio": 0.5, "group_regex": GROUP_RE,
+                            "groups": {"train": n_train, "val": 12 - n_train}}  # fmt: skip
+
+
+@pytest.mark.parametrize("verb", ["run", "pack"])
+def test_a_group_regex_and_a_group_file_together_are_one_line(verb, small_list, tmp_path):
+    closed = {"AWS_ENDPOINT_URL_S3": "http://127.0.0.1:9", "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y"}
+    args = (
+        ("run", str(small_list), "s3://bkt/ds", "-n", "2")
+        if verb == "run"
+        else ("pack", "--list", str(small_list), "--root", str(tmp_path), "--out-dir", str(tmp_path / "o"), "-n", "2")
+    )
+    done = tagflow(*args, "--group-regex", GROUP_RE, "--group-file", "s3://bkt/groups.tsv", env=closed)
+    line = _one_line_error(done)
+    assert line == "tagflow: error: --group-regex and --group-file were both given; choose one group key"
+    line = _one_line_error(tagflow(*args, "--group-regex", "(unclosed", env=closed))
+    assert line.startswith("tagflow: error: group regex '(unclosed': not a valid regular expression")
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_path_the_group_regex_does_not_match_is_refused_naming_the_list_line(s3_server, s3_client, bucket):
+    rows = [*_variant_rows(designs=2, per_design=2), (9, "loose/x.img")]
+    list_uri = _publish_variants(s3_client, bucket, rows)
+    done = tagflow("run", list_uri, f"s3://{bucket}/dataset", "-n", "50", "--source", f"s3://{bucket}/raw/",
+                   "--group-regex", GROUP_RE)  # fmt: skip
+    line = _one_line_error(done)
+    assert line == f"tagflow: error: {list_uri}:5: path 'loose/x.img' does not match the group regex '{GROUP_RE}'"
+    assert s3.list_objects(s3_client, s3.S3Uri(bucket, "dataset/")) == {}  # refused before anything was staged
+
+
+def test_pack_splits_by_a_group_file_and_records_it(tmp_path):
+    from tagflow.recordio import read_index
+    from tagflow.shards import side_of_key
+
+    rows = [(i, f"flat/{i}.img") for i in range(1, 25)]  # nothing in the paths says which design an image is
+    group = {i: f"design-{(i - 1) // 4}" for i, _ in rows}
+    labels = {}
+    for (image_id, path), design in zip(rows, demo.generate(len(rows), seed=9, workers=1), strict=True):
+        (tmp_path / "mirror" / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "mirror" / path).write_bytes(design.data)
+        labels[image_id] = design.labels.tolist()
+    (tmp_path / "designs.lst").write_text(_list_text(rows, labels))
+    (tmp_path / "groups.tsv").write_text("".join(f"{i}\t{g}\n" for i, g in group.items()))
+    out = tmp_path / "packed"
+    args = ("pack", "--list", str(tmp_path / "designs.lst"), "--root", str(tmp_path / "mirror"), "--out-dir", str(out),
+            "--resize", "32", "--train-ratio", "0.5", "--workers", "1")  # fmt: skip
+    packed = ok(*args, "--group-file", str(tmp_path / "groups.tsv"))
+    side = {i: s for s in ("train", "val") for i in read_index(out / f"{s}.idx")}
+    assert side == {i: side_of_key(group[i], 0.5) for i, _ in rows} and set(side.values()) == {"train", "val"}
+    assert packed["counts"] == {s: list(side.values()).count(s) for s in ("train", "val")}
+    split = json.loads((out / "manifest.json").read_text())["split"]
+    assert split["by"] == "group_file" and split["group_file"]["name"] == str(tmp_path / "groups.tsv")
+    # An image the group file does not name: refused naming its list line, the packed dataset left as it was.
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    (tmp_path / "groups.tsv").write_text("".join(f"{i}\t{g}\n" for i, g in group.items() if i != 7))
+    groups_file = tmp_path / "groups.tsv"
+    line = _one_line_error(tagflow(*args, "--group-file", str(groups_file)))
+    assert line == f"tagflow: error: {tmp_path / 'designs.lst'}:7: ID 7 has no group in the group file {groups_file}"
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
