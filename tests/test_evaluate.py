@@ -15,11 +15,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 from sklearn.metrics import average_precision_score
 
 from tagflow import cli, s3
 from tagflow.errors import InputError
-from tagflow.evaluate import evaluate, write_evaluation
+from tagflow.evaluate import evaluate, leakage_cache_uri, leakage_line, write_evaluation
 from tagflow.local import endpoint
 from tagflow.local.runner import run_training_job
 from tagflow.recordio import RecordReader, RecordWriter, unpack_payload
@@ -90,6 +91,56 @@ def publish_dataset(tmp_path_factory, s3_client) -> dict:
                 "label_counts": label_counts}  # fmt: skip
     s3_client.put_object(Bucket=bucket, Key="ds/training/manifest.json", Body=json.dumps(manifest).encode())
     return {"bucket": bucket, "uri": f"s3://{bucket}/ds", "root": root, "manifest": manifest}
+
+
+# Training images planted in the leaky set's validation split under new IDs: byte copies, and re-encodings at JPEG
+# quality 95 (0-2 bits from their original's hash on these images; the clean split's nearest pair is 10 bits apart).
+PLANTED_COPIES, PLANTED_REENCODED = (1, 2, 3), (4, 5, 6, 7)
+PLANTED_BASE_ID = 9000
+
+
+@pytest.fixture(scope="session")
+def leaky(dataset, s3_client) -> dict:
+    """The set published again at s3://BUCKET/ds-leaky with PLANTED_* training images added to validation; its URI,
+    root and the planted {validation ID: training ID}."""
+    return _once("leaky", lambda: publish_leaky(dataset, s3_client))
+
+
+def publish_leaky(dataset: dict, s3_client) -> dict:
+    root, bucket = dataset["root"], dataset["bucket"]
+    planted: dict[int, int] = {}
+    with RecordReader(root / "train.rec", root / "train.idx") as train:
+        extra = []
+        for k, train_id in enumerate((*PLANTED_COPIES, *PLANTED_REENCODED)):
+            _, labels, image = unpack_payload(train.read(train_id))
+            if train_id in PLANTED_REENCODED:
+                out = io.BytesIO()
+                Image.open(io.BytesIO(image)).save(out, "JPEG", quality=95)
+                image = out.getvalue()
+            planted[PLANTED_BASE_ID + k] = train_id
+            extra.append((PLANTED_BASE_ID + k, labels, image))
+    folder = root / "leaky"
+    folder.mkdir()
+    val_labels = []
+    with RecordWriter(folder / "val.rec", folder / "val.idx") as writer, RecordReader(root / "val.rec") as val:
+        for _, payload in val:
+            header, labels, image = unpack_payload(payload)
+            writer.write_image(header.id, labels, image)
+            val_labels.append(labels)
+        for image_id, labels, image in extra:
+            writer.write_image(image_id, labels, image)
+            val_labels.append(labels)
+    prefix = f"s3://{bucket}/ds-leaky"
+    for name in ("train.rec", "train.idx"):
+        s3.put_file(s3_client, root / name, s3.S3Uri.parse(f"{prefix}/training/{name}"))
+    for name in ("val.rec", "val.idx"):
+        s3.put_file(s3_client, folder / name, s3.S3Uri.parse(f"{prefix}/validation/{name}"))
+    manifest = json.loads(json.dumps(dataset["manifest"]))
+    manifest["counts"]["val"] = len(val_labels)
+    manifest["label_counts"]["val"] = dict(zip(LABEL_NAMES, np.sum(val_labels, axis=0).astype(int).tolist(),
+                                               strict=True))  # fmt: skip
+    s3_client.put_object(Bucket=bucket, Key="ds-leaky/training/manifest.json", Body=json.dumps(manifest).encode())
+    return {"bucket": bucket, "uri": prefix, "root": root, "val_rec": folder / "val.rec", "planted": planted}
 
 
 @pytest.fixture(scope="session")
@@ -260,6 +311,7 @@ def test_the_cli_verb_json_has_the_documented_keys(dataset, trained, s3_client, 
     assert doc["label_names"] == LABEL_NAMES and doc["split"]["images"] == N_IMAGES - N_TRAIN
     assert doc["model"]["uri"] == trained and len(doc["model"]["sha256"]) == 64
     assert doc["evaluation_uri"] == f"{dataset['uri']}/output/cli-eval/evaluation/evaluation.json"
+    assert doc["leakage"]["leaked"] == 0 and doc["leakage"]["validation_images"] == N_IMAGES - N_TRAIN
 
     assert cli.main(["evaluate", trained, "--dataset", dataset["uri"]]) == 0
     sentence = capsys.readouterr().out
@@ -267,3 +319,37 @@ def test_the_cli_verb_json_has_the_documented_keys(dataset, trained, s3_client, 
 
     assert cli.main(["evaluate", trained, "--dataset", f"s3://{dataset['bucket']}/nothing-here"]) == 2
     assert "no published dataset here" in capsys.readouterr().err
+
+
+def test_the_evaluation_counts_planted_near_duplicates_and_a_clean_split_none(
+    dataset, leaky, trained, s3_client, mxnet_python
+):
+    clean = evaluate(trained, dataset["uri"], client=s3_client, mxnet_python=mxnet_python)["leakage"]
+    assert (clean["leaked"], clean["fraction"], clean["examples"]) == (0, 0.0, [])
+    assert (clean["validation_images"], clean["training_images"]) == (N_IMAGES - N_TRAIN, N_TRAIN)
+    assert clean["method"] == "edge-phash-64" and clean["max_distance"] == 4
+
+    doc = evaluate(trained, leaky["uri"], client=s3_client, mxnet_python=mxnet_python, champion_uri=trained)
+    uri = write_evaluation(doc, leaky["uri"], "leaky-job", client=s3_client)
+    stored = json.loads(s3_client.get_object(Bucket=leaky["bucket"], Key=uri.split("/", 3)[3])["Body"].read())
+    block = stored["leakage"]
+    planted = len(leaky["planted"])
+    assert block["leaked"] == planted == 7 and block["validation_images"] == N_IMAGES - N_TRAIN + planted
+    assert block["fraction"] == round(planted / block["validation_images"], 6)
+    assert {e["val_id"]: e["train_id"] for e in block["examples"]} == leaky["planted"]
+    assert [e["distance"] for e in block["examples"]] == sorted(e["distance"] for e in block["examples"])
+    assert block["by_distance"]["0"] >= len(PLANTED_COPIES) and sum(block["by_distance"].values()) == planted
+    assert block["train"]["uri"] == f"{leaky['uri']}/training/train.rec"
+
+    # Computed once for this dataset: the next evaluation (another model, another run) reads the cache.
+    again = evaluate(trained, leaky["uri"], client=s3_client, mxnet_python=mxnet_python)["leakage"]
+    train_digest = s3.object_sha256(s3_client, s3.S3Uri.parse(block["train"]["uri"]))
+    assert again["cached"] == str(leakage_cache_uri(s3.S3Uri.parse(leaky["uri"]), train_digest,
+                                                    stored["split"]["digest"]))  # fmt: skip
+    assert {k: v for k, v in again.items() if k != "cached"} == {k: v for k, v in block.items() if k != "cached"}
+
+    # The summary line says so (and nothing for the clean split).
+    line = leakage_line(stored)
+    assert line is not None and f"{planted} of {block['validation_images']} validation images" in line
+    assert "split_group_regex" in line and "--group-regex" in line
+    assert leakage_line({"leakage": clean}) is None

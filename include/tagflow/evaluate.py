@@ -17,11 +17,14 @@ F1-maximising thresholds and micro_f1_at_0.5/macro_f1_at_0.5; accuracy: Hamming 
 ap, support, threshold, f1, baseline_ap; `model`; `training`: the model's per-epoch record from its metrics.json, None
 for a SageMaker built-in model, which writes none), `baselines` (label_frequency_mAP, label_frequency_micro_mAP,
 all_negative_accuracy), `label_names`, `split`, `model`, `champion` (the same, or what is known of a model that
-cannot be scored on this split) and `gate` (tagflow.deploy.gate_by_evaluation).
+cannot be scored on this split), `gate` (tagflow.deploy.gate_by_evaluation) and `leakage` (`split_leakage`: the
+validation images within a few bits of a training image's perceptual hash, tagflow.leakage; computed once per pair
+of train.rec and val.rec digests and cached beside the scores, at `DATASET/evaluation-cache/leakage-PAIR-HASH-vN.npz`).
 
 Beside it `write_evaluation` puts the report a person reads (tagflow.report): `report.html`, one self-contained file,
 and the PNGs it embeds. It rereads what is not in the document: the candidate's scores from the cache, the
-manifest's label counts, and a sample of validation images from val.rec (ranged GETs through val.idx).
+manifest's label counts, a sample of validation images from val.rec (ranged GETs through val.idx), and each
+leakage example's two images (ranged GETs of val.rec and train.rec through their .idx).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import time
 from collections import deque
 from pathlib import Path
 from types import ModuleType
@@ -44,7 +48,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from tagflow import s3
+from tagflow import leakage, s3
 from tagflow.deploy import DEFAULT_LIFT, DEFAULT_THRESHOLD, DEFAULT_TOLERANCE, gate_by_evaluation
 from tagflow.errors import InputError, TagflowError, quote
 from tagflow.local import REPO, process
@@ -61,6 +65,7 @@ CACHE_FOLDER = "evaluation-cache"
 DEFAULT_BATCH_SIZE = 64
 MAX_EXTRACTED_BYTES = 4 * 1024**3  # as the endpoint's limit (algo/ic_serve.py)
 REPORT_NAME = "report.html"
+LEAKAGE_FORMAT = 1  # bump when the cached nearest distances change meaning (leakage.HASH names the hash itself)
 MODEL_FIELDS = ("mAP", "micro_mAP", "micro_f1", "macro_f1", "micro_f1_at_0.5", "macro_f1_at_0.5", "accuracy")
 
 
@@ -209,13 +214,102 @@ def put_scores(client: S3Client, uri: s3.S3Uri, info: dict[str, Any], arrays: di
 
 def read_scores(client: S3Client, uri: s3.S3Uri) -> dict[str, Any] | None:
     """{"model": info, "scores", "labels", "ids"} cached at `uri`, or None when there is none."""
+    cached = _read_cached(client, uri)
+    if cached is None:
+        return None
+    return {"model": json.loads(str(cached["model"])), "scores": cached["scores"], "labels": cached["labels"],
+            "ids": cached["ids"]}  # fmt: skip
+
+
+def _read_cached(client: S3Client, uri: s3.S3Uri) -> dict[str, np.ndarray] | None:
+    """The arrays of the .npz cached at `uri` (put_scores wrote it), or None when there is none."""
     try:
         body = client.get_object(Bucket=uri.bucket, Key=uri.key)["Body"].read()
     except client.exceptions.NoSuchKey:
         return None
     with np.load(io.BytesIO(body)) as cached:
-        return {"model": json.loads(str(cached["model"])), "scores": cached["scores"], "labels": cached["labels"],
-                "ids": cached["ids"]}  # fmt: skip
+        return {name: cached[name] for name in cached.files}
+
+
+def leakage_cache_uri(dataset: s3.S3Uri, train_digest: str, val_digest: str) -> s3.S3Uri:
+    """Where the leakage check of one (train.rec, val.rec) pair is cached: beside the scores, keyed by both
+    records' digests (a model's scores depend on val.rec only; the check on both)."""
+    pair = hashlib.sha256(f"{train_digest}\n{val_digest}".encode()).hexdigest()
+    return dataset.join(CACHE_FOLDER, f"leakage-{pair[:40]}-{leakage.HASH}-v{LEAKAGE_FORMAT}.npz")
+
+
+def split_leakage(
+    client: S3Client, split: Split, *, max_distance: int = leakage.DEFAULT_MAX_DISTANCE, workers: int = 4
+) -> dict[str, Any]:
+    """The evaluation's `leakage` block: the validation images within `max_distance` bits of a training image
+    (tagflow.leakage.summarize: method, max_distance, validation_images, training_images, leaked, fraction,
+    by_distance, examples), plus `train` (train.rec's URI and digest), `cached` (the cache object read, or None
+    when computed here) and `seconds` (hashing and comparing, when it was computed).
+
+    The dataset's train.rec and val.rec are hashed and compared once per pair of digests: each validation image's
+    nearest distance and training ID go to the evaluation cache (one PUT), so the candidate, the champion and every
+    later run on the same data read them, for any max distance."""
+    train_rec, train_idx = split.dataset.join("training", "train.rec"), split.dataset.join("training", "train.idx")
+    head = _head(client, train_rec, f"{split.dataset}: no training/train.rec beside the validation split")
+    train_digest = _record_digest(head)
+    cache = leakage_cache_uri(split.dataset, train_digest, split.digest)
+    cached = _read_cached(client, cache)
+    if cached is None:
+        started = time.perf_counter()
+        local = split.folder / "training" / "train.rec"
+        s3.get_file(client, train_rec, local)
+        fetched = time.perf_counter()
+        train = leakage.record_hashes(local, workers)
+        local.unlink()
+        val = leakage.record_hashes(split.files()[0], workers)
+        hashed = time.perf_counter()
+        distance, nearest_ids = leakage.match(val, train)
+        seconds = {"download": round(fetched - started, 3), "hash": round(hashed - fetched, 3),
+                   "compare": round(time.perf_counter() - hashed, 3)}  # fmt: skip
+        info = {"train": train_digest, "val": split.digest, "training_images": len(train[0]), "seconds": seconds}
+        cached = {"info": np.array(json.dumps(info)), "val_ids": val[0], "distance": distance,
+                  "nearest_ids": nearest_ids}  # fmt: skip
+        buffer = io.BytesIO()
+        np.savez(buffer, **cached)
+        client.put_object(Bucket=cache.bucket, Key=cache.key, Body=buffer.getvalue())
+        hit = None
+    else:
+        info, hit = json.loads(str(cached["info"])), str(cache)
+        log.info("leakage check of this dataset read from %s", cache)
+    block = leakage.summarize(cached["val_ids"], cached["distance"], cached["nearest_ids"], info["training_images"],
+                              max_distance)  # fmt: skip
+    return {**block, "train": {"uri": str(train_rec), "idx": str(train_idx), "digest": train_digest},
+            "cached": hit, "seconds": info["seconds"]}  # fmt: skip
+
+
+def _head(client: S3Client, uri: s3.S3Uri, missing: str) -> dict[str, Any]:
+    """HeadObject of `uri`; InputError(`missing`, naming `uri`) when it is not there."""
+    from botocore.exceptions import ClientError
+
+    try:
+        return client.head_object(Bucket=uri.bucket, Key=uri.key)
+    except ClientError as err:
+        if err.response.get("Error", {}).get("Code", "") in ("404", "NoSuchKey", "NotFound", "NoSuchBucket"):
+            raise InputError(f"{missing} ({uri} is expected; publish it with `tagflow run` or the DAG)") from None
+        raise
+
+
+def _record_digest(head: dict[str, Any]) -> str:
+    """A record file's digest from its HeadObject: the sha256 tagflow recorded on it, else its ETag (as Split's)."""
+    etag = head["ETag"].strip('"')
+    return head.get("Metadata", {}).get(s3.SHA256_METADATA_KEY) or f"etag-{etag}"
+
+
+def leakage_line(doc: dict[str, Any]) -> str | None:
+    """One line for a summary when the evaluation found likely leaks (None when none or not checked)."""
+    block = doc.get("leakage")
+    if not block or not block.get("leaked"):
+        return None
+    return (
+        f"leakage: {block['leaked']} of {block['validation_images']} validation images "
+        f"({100 * block['fraction']:.1f} %) within {block['max_distance']} bits of a training image — the validation "
+        "figures are optimistic; give the split a group key (form: split_group_regex, CLI: --group-regex)"
+    )
 
 
 HISTORY_FIELDS = ("epoch", "train_accuracy", "validation_accuracy", "validation_mAP", "validation_micro_f1",
@@ -345,7 +439,9 @@ def evaluate(
                 f"{dataset} has {len(split.label_names)} labels: it was not trained on this dataset"
             )
         champion = None if champion_uri is None else score(champion_uri, split, work, role="champion", **common)
-    return document(model_uri, split, candidate, champion, lift=lift, threshold=threshold, tolerance=tolerance)
+        leaks = split_leakage(client, split)
+    return document(model_uri, split, candidate, champion, lift=lift, threshold=threshold, tolerance=tolerance,
+                    leakage=leaks)  # fmt: skip
 
 
 def document(
@@ -357,8 +453,10 @@ def document(
     lift: float = DEFAULT_LIFT,
     threshold: float = DEFAULT_THRESHOLD,
     tolerance: float = DEFAULT_TOLERANCE,
+    leakage: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The evaluation document (module docstring) of the candidate's and the champion's scores on `split`."""
+    """The evaluation document (module docstring) of the candidate's and the champion's scores on `split`, with
+    `leakage` (split_leakage's block; None: not checked)."""
     candidate = section(scored, split)
     champion = None if champion_scored is None else section(champion_scored, split)
     baselines = candidate.pop("baselines")
@@ -377,6 +475,7 @@ def document(
         "baselines": baselines,
         "champion": champion,
         "gate": {**decision, "rule": {"metric": "mAP", "lift": lift, "threshold": threshold, "tolerance": tolerance}},
+        "leakage": leakage,
     }
 
 
@@ -400,40 +499,89 @@ def _beside(uri: s3.S3Uri, name: str) -> s3.S3Uri:
 
 def sample_images(client: S3Client, split: Split, ids: np.ndarray, count: int) -> list[dict[str, Any]]:
     """`count` validation images evenly spaced over the split (file order), each {"position", "id", "labels",
-    "image"}: val.idx read whole, then one ranged GET of val.rec per record (a record runs from its offset to the
-    next one's), decoded by tagflow.recordio. The records must be the ones `ids` (the scores' rows) name."""
-    from tagflow.recordio import RecordReader, read_index, unpack_payload
-
+    "image"}: val.idx read whole, then one ranged GET of val.rec per record (`_ranged_records`). The records must
+    be the ones `ids` (the scores' rows) name."""
     if count < 1 or len(ids) == 0:
         return []
     with tempfile.TemporaryDirectory(prefix="tagflow-report-") as tmp:
-        idx = Path(tmp) / "val.idx"
-        s3.get_file(client, split.idx_uri, idx)
-        try:
-            ranked = sorted((offset, key) for key, offset in read_index(idx).items())
-        except ValueError as err:
-            raise InputError(f"{split.idx_uri}: {err}") from None
+        ranked = _ranked_index(client, split.idx_uri, Path(tmp) / "val.idx")
         if [key for _, key in ranked] != [int(i) for i in ids]:
             raise TagflowError(f"{split.idx_uri} does not list the images the evaluation scored: evaluate again")
         positions = sorted({int(p) for p in np.linspace(0, len(ranked) - 1, min(count, len(ranked))).round()})
-        ends = [offset for offset, _ in ranked[1:]] + [split.rec_bytes]
-        rec = Path(tmp) / "sample.rec"
-        with rec.open("wb") as out:  # the chosen records back to back: a .rec file of their own
-            for p in positions:
-                got = client.get_object(Bucket=split.rec_uri.bucket, Key=split.rec_uri.key,
-                                        Range=f"bytes={ranked[p][0]}-{ends[p] - 1}")  # fmt: skip
-                out.write(got["Body"].read())
-        sample = []
-        try:
-            with RecordReader(rec) as reader:
-                for p, (_, payload) in zip(positions, reader, strict=True):
-                    header, labels, image = unpack_payload(payload)
-                    if header.id != ranked[p][1]:
-                        raise ValueError(f"record {p} has ID {header.id}, val.idx says {ranked[p][1]}")
-                    sample.append({"position": p, "id": int(header.id), "labels": labels, "image": image})
-        except ValueError as err:
-            raise InputError(f"{split.rec_uri}: {err}") from None
-    return sample
+        records = _ranged_records(client, split.rec_uri, split.rec_bytes, ranked, positions, Path(tmp))
+    return [{"position": p, "id": int(header.id), "labels": labels, "image": image}
+            for p, (header, labels, image) in zip(positions, records, strict=True)]  # fmt: skip
+
+
+def _ranked_index(client: S3Client, idx_uri: s3.S3Uri, dest: Path) -> list[tuple[int, int]]:
+    """A .idx file's (offset, image ID) pairs in file order."""
+    from tagflow.recordio import read_index
+
+    s3.get_file(client, idx_uri, dest)
+    try:
+        return sorted((offset, key) for key, offset in read_index(dest).items())
+    except ValueError as err:
+        raise InputError(f"{idx_uri}: {err}") from None
+
+
+def _ranged_records(
+    client: S3Client, rec_uri: s3.S3Uri, rec_bytes: int, ranked: list[tuple[int, int]], positions: list[int],
+    folder: Path,
+) -> list[tuple[Any, np.ndarray, bytes]]:  # fmt: skip
+    """The records at `positions` of `ranked` (`_ranked_index`), one ranged GET each (a record runs from its offset
+    to the next one's), decoded by tagflow.recordio: (header, labels, image) in the order of `positions`."""
+    from tagflow.recordio import RecordReader, unpack_payload
+
+    ends = [offset for offset, _ in ranked[1:]] + [rec_bytes]
+    rec = folder / f"picked-{rec_uri.key.rsplit('/', 1)[-1]}"
+    with rec.open("wb") as out:  # the chosen records back to back: a .rec file of their own
+        for p in positions:
+            got = client.get_object(Bucket=rec_uri.bucket, Key=rec_uri.key, Range=f"bytes={ranked[p][0]}-{ends[p] - 1}")
+            out.write(got["Body"].read())
+    records = []
+    try:
+        with RecordReader(rec) as reader:
+            for p, (_, payload) in zip(positions, reader, strict=True):
+                header, labels, image = unpack_payload(payload)
+                if header.id != ranked[p][1]:
+                    raise ValueError(f"record {p} has ID {header.id}, its .idx says {ranked[p][1]}")
+                records.append((header, labels, image))
+    except ValueError as err:
+        raise InputError(f"{rec_uri}: {err}") from None
+    return records
+
+
+def leak_images(client: S3Client, split: Split, block: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The leakage block's examples, each with both images: {"val_id", "train_id", "distance", "val_image",
+    "train_image"} (ranged GETs through val.idx and train.idx); refuses when train.rec changed since the check."""
+    examples = (block or {}).get("examples") or []
+    if not examples:
+        return []
+    train = block["train"]  # type: ignore[index]
+    train_rec, train_idx = s3.S3Uri.parse(train["uri"]), s3.S3Uri.parse(train["idx"])
+    head = _head(client, train_rec, f"{split.dataset}: no training/train.rec beside the validation split")
+    digest = _record_digest(head)
+    if digest != train["digest"]:
+        raise TagflowError(
+            f"{train_rec} changed since the evaluation (digest {digest[:16]}, checked {train['digest'][:16]}): "
+            "evaluate again before writing its report"
+        )
+    with tempfile.TemporaryDirectory(prefix="tagflow-report-") as tmp:
+        images: dict[str, dict[int, bytes]] = {}
+        for side, rec_uri, idx_uri, size in (("val", split.rec_uri, split.idx_uri, split.rec_bytes),
+                                             ("train", train_rec, train_idx, int(head["ContentLength"]))):  # fmt: skip
+            ranked = _ranked_index(client, idx_uri, Path(tmp) / f"{side}.idx")
+            where = {key: p for p, (_, key) in enumerate(ranked)}
+            wanted = sorted({int(e[f"{side}_id"]) for e in examples})
+            missing = [key for key in wanted if key not in where]
+            if missing:
+                raise TagflowError(
+                    f"{idx_uri} does not list image {missing[0]} the leakage check found: evaluate again"
+                )
+            records = _ranged_records(client, rec_uri, size, ranked, [where[k] for k in wanted], Path(tmp))
+            images[side] = {int(header.id): image for header, _, image in records}
+    return [{**e, "val_image": images["val"][e["val_id"]], "train_image": images["train"][e["train_id"]]}
+            for e in examples]  # fmt: skip
 
 
 def build_report(doc: dict[str, Any], dataset_uri: str, job: str, client: S3Client, *, thumbnails: int = 24
@@ -458,7 +606,7 @@ def build_report(doc: dict[str, Any], dataset_uri: str, job: str, client: S3Clie
         raise TagflowError(f"the candidate's scores {cache} are gone (deleted since the evaluation): evaluate again")
     images = sample_images(client, split, scored["ids"], thumbnails)
     return report.render(doc, scores=scored["scores"], labels=scored["labels"], label_counts=split.label_counts,
-                         images=images, job=job)  # fmt: skip
+                         images=images, leaks=leak_images(client, split, doc.get("leakage")), job=job)  # fmt: skip
 
 
 def write_evaluation(
