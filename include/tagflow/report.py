@@ -8,7 +8,9 @@ are the same charts for whoever wants them alone. Every string from the data (la
 reason) is HTML-escaped; matplotlib's mathtext is off, so a `$` in a label name is drawn as it is.
 
 What it shows, top to bottom: the gate's decision and reason and its rule in words; champion vs challenger with the
-baselines (label-frequency mAP and micro mAP, all-negative accuracy); AP per label against the label-frequency
+baselines (label-frequency mAP and micro mAP, all-negative accuracy); the leakage check (validation images within a
+few bits of a training image's perceptual hash: count, share, and each listed one beside its nearest training
+image, since such images make every figure above optimistic); AP per label against the label-frequency
 baseline, sorted (every label with a positive when there are at most FULL_CHART_LABELS, else the best and worst
 CHART_SUBSET, with the full per-label table below either way); precision-recall curves of the PR_LABELS best and
 worst labels; the training curves from the model's metrics.json (the local trainer's per-epoch record; a SageMaker
@@ -387,6 +389,52 @@ def _thumbnails_html(
     )
 
 
+GROUP_KEY_ADVICE = (
+    "A high count means the validation figures above are optimistic: the model is partly scored on near copies of "
+    "images it was trained on (variants of one design split by image ID land on both sides). Give the split a group "
+    "key that keeps each design's variants on one side: the form field split_group_regex (or split_group_file), "
+    "or --group-regex on the command line."
+)
+
+
+def _leakage_html(block: dict[str, Any] | None, leaks: Sequence[dict[str, Any]]) -> str:
+    """The leakage section: the count and share of validation images within the distance of a training image,
+    what that means, and each example's validation image beside its nearest training image."""
+    head = '<section id="leakage"><h2>Leakage: validation images near a training image</h2>'
+    if not block:
+        return (f'{head}<p id="leakage-count" class="not-recorded">Not checked: this evaluation has no leakage '
+                "block.</p></section>")  # fmt: skip
+    leaked, total, distance = block["leaked"], block["validation_images"], block["max_distance"]
+    share = f"{100 * block['fraction']:.2f} %"
+    count = (
+        f'<p id="leakage-count" class="{"leaky" if leaked else "clean"}" data-leaked="{_e(leaked)}" '
+        f'data-fraction="{_e(block["fraction"])}" data-max-distance="{_e(distance)}"><strong>{_e(leaked)} of '
+        f"{_e(total)} validation images ({_e(share)})</strong> are within {_e(distance)} bits of a training image's "
+        f"perceptual hash ({_e(block['method'])}, compared with all {_e(block['training_images'])} training "
+        "images).</p>"
+    )
+    pairs = []
+    for leak in leaks:
+        sides = []
+        for side, name in (("val", "validation"), ("train", "training")):
+            thumb = _thumbnail(leak[f"{side}_image"])
+            picture = (f'<img src="{_data_uri(*thumb)}" alt="{name} image {_e(leak[side + "_id"])}">' if thumb
+                       else '<p class="undecodable">(this image cannot be decoded)</p>')  # fmt: skip
+            sides.append(f'<div class="side {side}">{picture}<span class="id">{name} {_e(leak[side + "_id"])}'
+                         "</span></div>")  # fmt: skip
+        pairs.append(
+            f'<figure class="leak-pair" data-val-id="{_e(leak["val_id"])}" data-train-id="{_e(leak["train_id"])}" '
+            f'data-distance="{_e(leak["distance"])}">{"".join(sides)}'
+            f"<figcaption>{_e(leak['distance'])} bits apart</figcaption></figure>"
+        )
+    listed = ""
+    if pairs:
+        more = f" (the closest {len(pairs)} of {leaked})" if len(pairs) < leaked else ""
+        listed = (f"<p>Each validation image beside its nearest training image{_e(more)}:</p>"
+                  f'<div class="pairs">{"".join(pairs)}</div>')  # fmt: skip
+    return f'{head}{count}<p class="advice">{_e(GROUP_KEY_ADVICE)}</p>{listed}</section>'
+
+
 CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, "DejaVu Sans", sans-serif; margin: 1.5em auto;
        max-width: 1200px; padding: 0 1em; color: #1a1a1a; line-height: 1.4; }
@@ -403,6 +451,11 @@ figure.thumb { margin: 0; border: 1px solid #ddd; padding: 0.4em; }
 figure.thumb img { width: 100%; height: auto; image-rendering: auto; }
 ul.tags { list-style: none; padding: 0; margin: 0.3em 0 0; font-size: 0.8em; }
 .tag { display: inline-block; border-radius: 3px; padding: 0 0.3em; margin: 0.1em; }
+#leakage-count.leaky strong { color: #b3261e; } .advice { font-size: 0.9em; color: #333; }
+.pairs { display: grid; grid-template-columns: repeat(auto-fill, minmax(300px, 1fr)); gap: 0.8em; }
+figure.leak-pair { margin: 0; border: 1px solid #ddd; padding: 0.4em; display: flex; flex-wrap: wrap; gap: 0.4em; }
+figure.leak-pair .side { flex: 1 1 45%; font-size: 0.8em; } figure.leak-pair img { width: 100%; height: auto; }
+figure.leak-pair figcaption { flex-basis: 100%; }
 .tag.correct { background: #d7f0dc; color: #155d27; } .tag.missed { background: #fbdcd9; color: #8c1d18;
   text-decoration: underline wavy; } .tag.extra { background: #fff1c2; color: #6b4f00; font-style: italic; }
 """
@@ -416,12 +469,15 @@ def render(
     label_counts: dict[str, Sequence[int]],
     images: Sequence[dict[str, Any]],
     job: str,
+    leaks: Sequence[dict[str, Any]] = (),
 ) -> dict[str, bytes]:
     """The report's files, {name: bytes}: the PNG charts and `report.html` (which embeds them).
 
     `scores`/`labels`: the candidate's scores and the split's true labels (images × labels, file order, as the
     evaluation's cache has them); `label_counts`: {"train": [...], "val": [...]} per label (the manifest's);
-    `images`: validation images for the grid, each {"position" (row in scores), "id", "labels", "image" (bytes)}."""
+    `images`: validation images for the grid, each {"position" (row in scores), "id", "labels", "image" (bytes)};
+    `leaks`: the leakage block's examples with their images, each {"val_id", "train_id", "distance", "val_image",
+    "train_image"} (tagflow.evaluate.leak_images)."""
     candidate = doc["candidate"]
     per_label, names = candidate["per_label"], [e["name"] for e in candidate["per_label"]]
     truth = np.asarray(labels) > 0.5
@@ -497,7 +553,8 @@ def render(
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
         f"<title>tagflow evaluation — {_e(job)}</title><style>{CSS}</style></head><body>"
         f"<h1>Evaluation of the model of job {_e(job)}</h1>{meta}"
-        f"{_gate_html(doc)}{_comparison_html(doc)}{''.join(parts)}</body></html>\n"
+        f"{_gate_html(doc)}{_comparison_html(doc)}{_leakage_html(doc.get('leakage'), leaks)}{''.join(parts)}"
+        "</body></html>\n"
     )
     files["report.html"] = html.encode("utf-8")
     return files
