@@ -317,32 +317,24 @@ def run_training_job(
     (from any thread) stops the job like StopTrainingJob: it ends `Stopped` and keeps the best model of the epochs
     it completed. Re-running the same job name starts over in a fresh `workdir/JOB_NAME` folder and overwrites its
     S3 outputs. Raises InputError for an invalid request; a failed or stopped job is reported in the returned dict.
+    Stages: stage the channels and config, run the trainer, classify how it ended, upload the model, describe.
     """
     validate_request(request)
     name = request["TrainingJobName"]
     created = datetime.now(UTC)
-    started_mono = time.monotonic()
     max_runtime = int((request.get("StoppingCondition") or {}).get("MaxRuntimeInSeconds", DEFAULT_MAX_RUNTIME_S))
-    deadline = started_mono + max_runtime
+    deadline = time.monotonic() + max_runtime
     python = Path(mxnet_python or default_mxnet_python())
     client = client or s3.make_client()
     output = s3.S3Uri.parse(request["OutputDataConfig"]["S3OutputPath"]).join(name, "output")
-    model_uri = output.join("model.tar.gz")
 
     job_dir = Path(workdir) / name
-    if job_dir.exists():
-        shutil.rmtree(job_dir)
-    job_dir.mkdir(parents=True)
-    write_config(job_dir, request)
-
     status, secondary, reason = "Completed", "Completed", None
     lines: list[tuple[datetime, str]] = []
     training_start = training_end = None
-    uploaded = False
+    model_uri = None
     try:
-        for channel in request["InputDataConfig"]:
-            uri = channel["DataSource"]["S3DataSource"]["S3Uri"]
-            stage_channel(client, uri, job_dir / "input" / "data" / channel["ChannelName"])
+        _stage(request, client, job_dir)
         if not python.exists():
             raise _JobFailure(f"AlgorithmError: the algorithm environment {python} does not exist (make venvs)")
         training_start = datetime.now(UTC)
@@ -353,45 +345,100 @@ def run_training_job(
                 python, job_dir, deadline, stop_grace_s, job_dir / "training.log", on_line, stop
             )
         training_end = datetime.now(UTC)
-        failure = job_dir / "output" / "failure"
-        if why == "deadline":
-            status, secondary = "Stopped", "MaxRuntimeExceeded"
-            reason = (
-                f"MaxRuntimeExceeded: Training job ran longer than StoppingCondition.MaxRuntimeInSeconds "
-                f"({max_runtime} s) and was stopped."
-            )
-        elif why == "stop" and rc != 0 and not failure.exists():
-            # 143 (the trainer's own SIGTERM exit), -15/-9 (stopped before its handler was set, or killed after the
-            # grace period) or None (never started). A trainer that finished before it saw the stop exited 0 and
-            # stays Completed, as a job SageMaker could not stop in time does.
-            status, secondary = "Stopped", "Stopped"
-        elif rc != 0:
-            status, secondary = "Failed", "Failed"
-            text = failure.read_text().strip() if failure.exists() else ""
-            reason = text or f"AlgorithmError: the trainer exited with status {rc}; see {job_dir / 'training.log'}"
-        model_dir = job_dir / "model"
-        if status != "Failed" and any(p.is_file() and not p.name.startswith(".") for p in model_dir.rglob("*")):
-            archive = job_dir / "model.tar.gz"
-            _tar(model_dir, archive)
-            client.upload_file(str(archive), model_uri.bucket, model_uri.key)
-            uploaded = True
-            data_dir = job_dir / "output" / "data"
-            if any(data_dir.iterdir()):
-                _tar(data_dir, job_dir / "output.tar.gz")
-                out_uri = output.join("output.tar.gz")
-                client.upload_file(str(job_dir / "output.tar.gz"), out_uri.bucket, out_uri.key)
-            log.info("uploaded %s", model_uri)
-        elif status == "Stopped" and reason:
-            reason = f"{reason} No model was saved before the stop."
-        elif status == "Stopped":
-            log.info("job %s was stopped before an epoch completed: no model to upload", name)
+        status, secondary, reason = _classify(rc, why, job_dir, max_runtime)
+        if status != "Failed":
+            model_uri = _upload(client, job_dir, output)
+        if model_uri is None and status == "Stopped":
+            if reason:
+                reason = f"{reason} No model was saved before the stop."
+            else:
+                log.info("job %s was stopped before an epoch completed: no model to upload", name)
     except _JobFailure as err:
         status, secondary, reason = "Failed", "Failed", str(err)
 
-    ended = datetime.now(UTC)
+    describe = _describe(request, status, secondary, reason, max_runtime, created, lines, model_uri)
+    if training_start is not None:
+        describe["TrainingStartTime"] = training_start
+        describe["TrainingEndTime"] = training_end or describe["LastModifiedTime"]
+        describe["TrainingTimeInSeconds"] = max(
+            1, round((describe["TrainingEndTime"] - training_start).total_seconds())
+        )
+    (job_dir / "describe.json").write_text(json.dumps(describe, indent=2, default=str))
+    log.info("training job %s: %s%s", name, status, f" ({reason})" if reason else "")
+    return describe
+
+
+def _stage(request: dict[str, Any], client: S3Client, job_dir: Path) -> None:
+    """A fresh job folder in the container's layout: the config files and every channel's data."""
+    if job_dir.exists():
+        shutil.rmtree(job_dir)
+    job_dir.mkdir(parents=True)
+    write_config(job_dir, request)
+    for channel in request["InputDataConfig"]:
+        uri = channel["DataSource"]["S3DataSource"]["S3Uri"]
+        stage_channel(client, uri, job_dir / "input" / "data" / channel["ChannelName"])
+
+
+def _classify(rc: int | None, why: str | None, job_dir: Path, max_runtime: int) -> tuple[str, str, str | None]:
+    """(TrainingJobStatus, SecondaryStatus, FailureReason) from how the trainer ended."""
+    failure = job_dir / "output" / "failure"
+    if why == "deadline":
+        return (
+            "Stopped",
+            "MaxRuntimeExceeded",
+            (
+                f"MaxRuntimeExceeded: Training job ran longer than StoppingCondition.MaxRuntimeInSeconds "
+                f"({max_runtime} s) and was stopped."
+            ),
+        )
+    if why == "stop" and rc != 0 and not failure.exists():
+        # 143 (the trainer's own SIGTERM exit), -15/-9 (stopped before its handler was set, or killed after the
+        # grace period) or None (never started). A trainer that finished before it saw the stop exited 0 and
+        # stays Completed, as a job SageMaker could not stop in time does.
+        return "Stopped", "Stopped", None
+    if rc != 0:
+        text = failure.read_text().strip() if failure.exists() else ""
+        return (
+            "Failed",
+            "Failed",
+            (text or f"AlgorithmError: the trainer exited with status {rc}; see {job_dir / 'training.log'}"),
+        )
+    return "Completed", "Completed", None
+
+
+def _upload(client: S3Client, job_dir: Path, output: s3.S3Uri) -> s3.S3Uri | None:
+    """model.tar.gz (and output.tar.gz when the trainer wrote output data) to the job's output; None without a
+    saved model."""
+    model_dir = job_dir / "model"
+    if not any(p.is_file() and not p.name.startswith(".") for p in model_dir.rglob("*")):
+        return None
+    model_uri = output.join("model.tar.gz")
+    archive = job_dir / "model.tar.gz"
+    _tar(model_dir, archive)
+    client.upload_file(str(archive), model_uri.bucket, model_uri.key)
+    data_dir = job_dir / "output" / "data"
+    if any(data_dir.iterdir()):
+        _tar(data_dir, job_dir / "output.tar.gz")
+        out_uri = output.join("output.tar.gz")
+        client.upload_file(str(job_dir / "output.tar.gz"), out_uri.bucket, out_uri.key)
+    log.info("uploaded %s", model_uri)
+    return model_uri
+
+
+def _describe(
+    request: dict[str, Any],
+    status: str,
+    secondary: str,
+    reason: str | None,
+    max_runtime: int,
+    created: datetime,
+    lines: list[tuple[datetime, str]],
+    model_uri: s3.S3Uri | None,
+) -> dict[str, Any]:
+    """The DescribeTrainingJob answer for a job that has ended (without its training times)."""
     describe: dict[str, Any] = {
-        "TrainingJobName": name,
-        "TrainingJobArn": ARN_PREFIX + name.lower(),
+        "TrainingJobName": request["TrainingJobName"],
+        "TrainingJobArn": ARN_PREFIX + request["TrainingJobName"].lower(),
         "TrainingJobStatus": status,
         "SecondaryStatus": secondary,
         "HyperParameters": dict(request.get("HyperParameters", {})),
@@ -405,19 +452,11 @@ def run_training_job(
         "ResourceConfig": request.get("ResourceConfig", {}),
         "StoppingCondition": {"MaxRuntimeInSeconds": max_runtime},
         "CreationTime": created,
-        "LastModifiedTime": ended,
+        "LastModifiedTime": datetime.now(UTC),
         "FinalMetricDataList": parse_metrics(lines),
     }
-    if uploaded:
+    if model_uri is not None:
         describe["ModelArtifacts"] = {"S3ModelArtifacts": str(model_uri)}
     if reason:
         describe["FailureReason"] = reason[:FAILURE_REASON_MAX]
-    if training_start is not None:
-        describe["TrainingStartTime"] = training_start
-        describe["TrainingEndTime"] = training_end or ended
-        describe["TrainingTimeInSeconds"] = max(
-            1, round((describe["TrainingEndTime"] - training_start).total_seconds())
-        )
-    (job_dir / "describe.json").write_text(json.dumps(describe, indent=2, default=str))
-    log.info("training job %s: %s%s", name, status, f" ({reason})" if reason else "")
     return describe

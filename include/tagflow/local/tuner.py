@@ -315,30 +315,16 @@ def run_tuning_job(
     `on_line(trial_name, line)` is called (from the trials' reader threads) with each line of each trial's log.
 
     Raises InputError for an invalid request; failed trials (and a tuning job whose trials all failed) are
-    reported in the returned dict.
+    reported in the returned dict. Stages: validate, build the study, run the trials, describe.
     """
-    import optuna
-
     validate_request(request)
     name = request["HyperParameterTuningJobName"]
     config = request["HyperParameterTuningJobConfig"]
-    objective = dict(config["HyperParameterTuningJobObjective"])
     limits = config["ResourceLimits"]
     max_jobs, max_parallel = limits["MaxNumberOfTrainingJobs"], limits["MaxParallelTrainingJobs"]
     seed = _seed(request)
-    sampler: optuna.samplers.BaseSampler = (
-        optuna.samplers.TPESampler(seed=seed)
-        if config["Strategy"] == "Bayesian"
-        else optuna.samplers.RandomSampler(seed)
-    )
-    direction = "maximize" if objective["Type"] == "Maximize" else "minimize"
-    early_stopping = request["HyperParameterTuningJobConfig"].get("TrainingJobEarlyStoppingType", "Off") == "Auto"
-    pruner = optuna.pruners.MedianPruner(
-        n_startup_trials=PRUNER_STARTUP_TRIALS, n_warmup_steps=PRUNER_WARMUP_EPOCHS, interval_steps=1
-    )
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(study_name=name, direction=direction, sampler=sampler, pruner=pruner)
-    read_objective = _objective_reader(objective["MetricName"])
+    early_stopping = config.get("TrainingJobEarlyStoppingType", "Off") == "Auto"
+    study = _study(name, config, seed)
     trial_dir = Path(workdir) / name
     trial_dir.mkdir(parents=True, exist_ok=True)
     created = datetime.now(UTC)
@@ -347,42 +333,96 @@ def run_tuning_job(
         name, config["Strategy"], max_jobs, max_parallel, seed, "Auto" if early_stopping else "Off",
     )  # fmt: skip
 
-    summaries: list[dict[str, Any]] = []
-
     def run_trial(number: int, trial: optuna.Trial, tuned: dict[str, str]) -> tuple[dict[str, Any], bool]:
-        """Run one trial; (its summary, whether early stopping stopped it)."""
         job = trial_name(name, number, tuned)
-        log.info("trial %s: %s", job, tuned)
-        stop = threading.Event()
-        reported: set[int] = set()
+        return _run_trial(
+            request, job, trial, tuned, early_stopping=early_stopping, workdir=trial_dir, client=client,
+            mxnet_python=mxnet_python, on_line=on_line,
+        )  # fmt: skip
 
-        def read_line(line: str) -> None:
-            if on_line is not None:
-                try:
-                    on_line(job, line)
-                except Exception:  # the caller's bug must not cost the trial its pruning
-                    log.exception("trial %s: on_line callback failed on %r", job, line)
-            found = read_objective(line)
-            if found is None or found[0] in reported or stop.is_set():
-                return
-            epoch, value = found
-            reported.add(epoch)
-            trial.report(value, epoch)
-            if early_stopping and trial.should_prune():
-                log.info("trial %s: %s=%s at epoch %d is below the median: stopping it", job,
-                         objective["MetricName"], value, epoch)  # fmt: skip
-                stop.set()
+    summaries = _search(study, config, run_trial, max_jobs, max_parallel, name)
+    describe = _describe(request, summaries, created, maximize=study.direction.name == "MAXIMIZE")
+    (trial_dir / "describe.json").write_text(json.dumps(describe, indent=2, default=str))
+    return describe
 
-        describe = run_training_job(
-            _trial_request(request, job, tuned),
-            workdir=trial_dir,
-            client=client,
-            mxnet_python=mxnet_python,
-            on_line=read_line,
-            stop=stop,
-        )
-        return _summary(name, describe, tuned, objective), stop.is_set()
 
+def _study(name: str, config: dict[str, Any], seed: int) -> optuna.Study:
+    """An Optuna study for the request's strategy (seeded), direction and early stopping's median pruner."""
+    import optuna
+
+    sampler: optuna.samplers.BaseSampler = (
+        optuna.samplers.TPESampler(seed=seed)
+        if config["Strategy"] == "Bayesian"
+        else optuna.samplers.RandomSampler(seed)
+    )
+    direction = "maximize" if config["HyperParameterTuningJobObjective"]["Type"] == "Maximize" else "minimize"
+    pruner = optuna.pruners.MedianPruner(
+        n_startup_trials=PRUNER_STARTUP_TRIALS, n_warmup_steps=PRUNER_WARMUP_EPOCHS, interval_steps=1
+    )
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return optuna.create_study(study_name=name, direction=direction, sampler=sampler, pruner=pruner)
+
+
+def _run_trial(
+    request: dict[str, Any],
+    job: str,
+    trial: optuna.Trial,
+    tuned: dict[str, str],
+    *,
+    early_stopping: bool,
+    workdir: Path,
+    client: S3Client | None,
+    mxnet_python: Path | None,
+    on_line: Callable[[str, str], None] | None,
+) -> tuple[dict[str, Any], bool]:
+    """Run one trial as a local training job, reporting each epoch's objective to Optuna (which may stop it
+    early); (its summary, whether early stopping stopped it)."""
+    objective = dict(request["HyperParameterTuningJobConfig"]["HyperParameterTuningJobObjective"])
+    read_objective = _objective_reader(objective["MetricName"])
+    log.info("trial %s: %s", job, tuned)
+    stop = threading.Event()
+    reported: set[int] = set()
+
+    def read_line(line: str) -> None:
+        if on_line is not None:
+            try:
+                on_line(job, line)
+            except Exception:  # the caller's bug must not cost the trial its pruning
+                log.exception("trial %s: on_line callback failed on %r", job, line)
+        found = read_objective(line)
+        if found is None or found[0] in reported or stop.is_set():
+            return
+        epoch, value = found
+        reported.add(epoch)
+        trial.report(value, epoch)
+        if early_stopping and trial.should_prune():
+            log.info("trial %s: %s=%s at epoch %d is below the median: stopping it", job,
+                     objective["MetricName"], value, epoch)  # fmt: skip
+            stop.set()
+
+    describe = run_training_job(
+        _trial_request(request, job, tuned),
+        workdir=workdir,
+        client=client,
+        mxnet_python=mxnet_python,
+        on_line=read_line,
+        stop=stop,
+    )
+    return _summary(request["HyperParameterTuningJobName"], describe, tuned, objective), stop.is_set()
+
+
+def _search(
+    study: optuna.Study,
+    config: dict[str, Any],
+    run_trial: Callable[[int, optuna.Trial, dict[str, str]], tuple[dict[str, Any], bool]],
+    max_jobs: int,
+    max_parallel: int,
+    name: str,
+) -> list[dict[str, Any]]:
+    """Ask, run and tell `max_jobs` trials, `max_parallel` at a time; every trial's summary, by name."""
+    import optuna
+
+    summaries: list[dict[str, Any]] = []
     with ThreadPoolExecutor(max_workers=max_parallel, thread_name_prefix=f"tune-{name}") as pool:
         running: dict[Future[tuple[dict[str, Any], bool]], optuna.Trial] = {}
         started = 0
@@ -406,16 +446,22 @@ def run_tuning_job(
                 else:
                     study.tell(trial, metric["Value"])
                     log.info("trial %s: %s = %s", summary["TrainingJobName"], metric["MetricName"], metric["Value"])
+    return sorted(summaries, key=lambda s: s["TrainingJobName"])
 
-    summaries.sort(key=lambda s: s["TrainingJobName"])
+
+def _describe(
+    request: dict[str, Any], summaries: list[dict[str, Any]], created: datetime, *, maximize: bool
+) -> dict[str, Any]:
+    """The DescribeHyperParameterTuningJob answer once every trial has ended: counters, the best trial (or why
+    there is none)."""
+    name = request["HyperParameterTuningJobName"]
     scored = [s for s in summaries if "FinalHyperParameterTuningJobObjectiveMetric" in s]
-    sign = 1 if direction == "maximize" else -1
     statuses = [s["TrainingJobStatus"] for s in summaries]
     ended = datetime.now(UTC)
     describe: dict[str, Any] = {
         "HyperParameterTuningJobName": name,
         "HyperParameterTuningJobArn": ARN_PREFIX + name.lower(),
-        "HyperParameterTuningJobConfig": config,
+        "HyperParameterTuningJobConfig": request["HyperParameterTuningJobConfig"],
         "TrainingJobDefinition": request["TrainingJobDefinition"],
         "HyperParameterTuningJobStatus": "Completed" if scored else "Failed",
         "CreationTime": created,
@@ -436,6 +482,7 @@ def run_tuning_job(
         "TrainingJobSummaries": summaries,
     }
     if scored:
+        sign = 1 if maximize else -1
         best = max(scored, key=lambda s: sign * s["FinalHyperParameterTuningJobObjectiveMetric"]["Value"])
         describe["BestTrainingJob"] = best
         log.info("tuning job %s: best trial %s", name, best["TrainingJobName"])
@@ -443,5 +490,4 @@ def run_tuning_job(
         reasons = "; ".join(f"{s['TrainingJobName']}: {s.get('FailureReason', '?')}" for s in summaries)
         describe["FailureReason"] = f"All training jobs failed. {reasons}"[:FAILURE_REASON_MAX]
         log.error("tuning job %s failed: every trial failed", name)
-    (trial_dir / "describe.json").write_text(json.dumps(describe, indent=2, default=str))
     return describe
