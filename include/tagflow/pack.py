@@ -43,7 +43,6 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import cv2
 import numpy as np
@@ -72,7 +71,6 @@ MAX_TARGET_PIXELS = 50_000_000  # a 1×10,000 banner resized to 96 px would need
 # and admits 12-megapixel camera photos (4032×3024); raise PackParams.max_pixels for larger sources.
 DEFAULT_MAX_PIXELS = 4096 * 4096
 SPLITS = ("train", "val")
-Split = Literal["train", "val"]
 PackItem = tuple[int, "np.ndarray | Sequence[float]", Path]
 Sides = Mapping[int, str]  # image ID → "train" or "val", as the split plan decided (tagflow.shards)
 Progress = Callable[[int, int], None]
