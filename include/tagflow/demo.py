@@ -29,7 +29,7 @@ import logging
 import math
 import multiprocessing
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass
 from datetime import date, timedelta
@@ -432,7 +432,9 @@ def render_design(index: int, seed: int = 0, *, exotic: bool = False) -> tuple[b
     """Render design number `index` for `seed`: (encoded bytes, extension, labels as uint8[50]).
 
     Deterministic: the same (index, seed, exotic) gives the same bytes. `exotic` makes about 5 % of the images use
-    unusual encodings (progressive / CMYK / EXIF-rotated JPEG, RGBA / palette PNG).
+    unusual encodings (progressive / CMYK / EXIF-rotated JPEG, RGBA / palette PNG). The stages draw in this order
+    (each consumes the random stream in turn): canvas and background, decorations, text band, panel, shapes, text,
+    border, encoding.
     """
     from PIL import ImageDraw
 
@@ -442,13 +444,32 @@ def render_design(index: int, seed: int = 0, *, exotic: bool = False) -> tuple[b
     def mark(name: str) -> None:
         labels[_LABEL_INDEX[name]] = 1
 
-    # 224-320 px; non-square ones at most 1.2:1, so a centre crop to a square (as training does) cuts at most
-    # 8 % off each end and keeps borders, corner accents and text bands in view.
+    img, pal, tone = _background(rng, mark)
+    width, height = img.size
+    draw = ImageDraw.Draw(img)
+    _decorations(rng, draw, pal, width, height, mark)
+    region, text_band = _text_band(rng, width, height, mark)
+    if rng.chance(0.2):
+        mark("has_panel")
+        draw.rounded_rectangle(tuple(region), radius=min(width, height) * 0.06, fill=pal.shade(0.22))
+    _shapes(rng, draw, pal, tone, tuple(region), mark)
+    if text_band is not None:
+        large, banner, multiline = (
+            bool(labels[_LABEL_INDEX[k]]) for k in ("text_large", "text_banner", "text_multiline")
+        )
+        _draw_text(img, rng, pal, text_band, large=large, banner=banner, multiline=multiline)
+    _border(rng, draw, pal, width, height, mark)
+    data, ext = _encode(img, rng, exotic)
+    return data, ext, labels
+
+
+def _background(rng: _Rng, mark: Callable[[str], None]) -> tuple[Image.Image, _Palette, str]:
+    """The canvas (224-320 px) filled with a background style in a tone band and tint; (image, palette, tone)."""
+    # Non-square designs are at most 1.2:1, so a centre crop to a square (as training does) cuts at most 8 % off
+    # each end and keeps borders, corner accents and text bands in view.
     short = rng.integer(224, 300)
     long = short if rng.chance(0.4) else min(320, round(short * rng.uniform(1.04, 1.2)))
     width, height = (long, short) if rng.chance(0.5) else (short, long)
-
-    # Background: style, tone band and tint.
     background = rng.choice(BACKGROUNDS)
     tone = rng.choice(("dark", "mid", "light"))
     tint = rng.choice(("warm", "cool", "neutral"))
@@ -464,9 +485,12 @@ def render_design(index: int, seed: int = 0, *, exotic: bool = False) -> tuple[b
     if tone != "dark" and rng.chance(0.25):
         img = _vignette(img, rng.uniform(0.45, 0.6))
         mark("has_vignette")
-    draw = ImageDraw.Draw(img)
+    return img, pal, tone
 
-    # Decorations behind the shapes, in tints of the background.
+
+def _decorations(rng: _Rng, draw, pal: _Palette, width: int, height: int, mark: Callable[[str], None]) -> None:
+    """Lines, a wave, corner accents and an arc behind the shapes, each in a tint of the background."""
+    short = min(width, height)
     if rng.chance(0.2):
         mark("has_diagonal_lines")
         color, step, lw = pal.contrast(rng), rng.uniform(22, 40), rng.integer(3, 5)
@@ -492,7 +516,12 @@ def render_design(index: int, seed: int = 0, *, exotic: bool = False) -> tuple[b
         cx, cy = rng.choice(((0, 0), (width, 0), (0, height), (width, height)))
         draw.ellipse((cx - rad, cy - rad, cx + rad, cy + rad), outline=color, width=rng.integer(10, 16))
 
-    # Text takes a band at the top or bottom; shapes stay out of it.
+
+def _text_band(
+    rng: _Rng, width: int, height: int, mark: Callable[[str], None]
+) -> tuple[list[float], tuple[float, float] | None]:
+    """Where shapes go and where the text goes: text, if any, takes a band at the top or bottom and the shapes'
+    region shrinks to leave it free; (shape region [x0, y0, x1, y1], text band (y0, y1) or None)."""
     region = [width * 0.06, height * 0.06, width * 0.94, height * 0.94]
     text_band = None
     if rng.chance(0.42):
@@ -506,17 +535,15 @@ def render_design(index: int, seed: int = 0, *, exotic: bool = False) -> tuple[b
         for name, on in (("text_large", large), ("text_banner", banner), ("text_multiline", multiline)):
             if on:
                 mark(name)
+    return region, text_band
 
-    if rng.chance(0.2):
-        mark("has_panel")
-        x0, y0, x1, y1 = region
-        draw.rounded_rectangle((x0, y0, x1, y1), radius=short * 0.06, fill=pal.shade(0.22))
 
-    # Shapes: layout, kinds, colour families, style.
+def _shapes(rng: _Rng, draw, pal: _Palette, tone: str, region: tuple[float, ...], mark: Callable[[str], None]) -> None:
+    """The figures: a layout, their kinds and colour families, outline and shadow styles; labels for each."""
     layout = rng.choice(LAYOUTS)
     mark(f"layout_{layout}")
     count_hint = {"single": 1, "few": rng.integer(2, 4), "many": rng.integer(8, 14), "grid": 0}[layout]
-    spots = _place_shapes(rng, layout, tuple(region), count_hint)
+    spots = _place_shapes(rng, layout, region, count_hint)
     n = len(spots)
     kinds = rng.sample(SHAPES, min(n, 1 if layout == "single" else rng.integer(1, 2 if layout == "grid" else 3)))
     allowed = [c for c in COLORS if not (c == "white" and tone == "light") and not (c == "black" and tone == "dark")]
@@ -548,11 +575,9 @@ def render_design(index: int, seed: int = 0, *, exotic: bool = False) -> tuple[b
     if shadow:
         mark("style_shadow")
 
-    if text_band is not None:
-        large, banner, multiline = (
-            bool(labels[_LABEL_INDEX[k]]) for k in ("text_large", "text_banner", "text_multiline")
-        )
-        _draw_text(img, rng, pal, text_band, large=large, banner=banner, multiline=multiline)
+
+def _border(rng: _Rng, draw, pal: _Palette, width: int, height: int, mark: Callable[[str], None]) -> None:
+    """A border in a tint of the background, sometimes doubled."""
     if rng.chance(0.3):
         mark("has_border")
         color, bw = pal.contrast(rng), rng.integer(5, 9)
@@ -561,9 +586,6 @@ def render_design(index: int, seed: int = 0, *, exotic: bool = False) -> tuple[b
             mark("border_double")
             inset = bw + rng.integer(5, 8)
             draw.rectangle((inset, inset, width - 1 - inset, height - 1 - inset), outline=color, width=max(3, bw - 3))
-
-    data, ext = _encode(img, rng, exotic)
-    return data, ext, labels
 
 
 def _encode(img: Image.Image, rng: _Rng, exotic: bool) -> tuple[bytes, str]:
