@@ -17,10 +17,10 @@ import pytest
 from botocore.exceptions import ClientError, EndpointConnectionError
 
 from tagflow import report, s3
-from tagflow.errors import TagflowError
+from tagflow.errors import InputError, TagflowError
 from tagflow.evaluate import cache_uri, evaluate, read_scores, report_uri, write_evaluation
 from tagflow.recordio import RecordReader, unpack_payload
-from test_evaluate import LABEL_NAMES, dataset, trained  # noqa: F401 - fixtures, built once per session
+from test_evaluate import LABEL_NAMES, dataset, leaky, trained  # noqa: F401 - fixtures, built once per session
 
 pytestmark = [pytest.mark.slow, pytest.mark.mxnet]
 
@@ -114,10 +114,12 @@ def pngs_beside(s3_client, uri: s3.S3Uri) -> dict[str, bytes]:
     return {k.rsplit("/", 1)[1]: get(s3_client, s3.S3Uri(uri.bucket, k)) for k in keys}
 
 
-def copy_dataset(s3_client, source: dict, prefix: str, **manifest_changes) -> str:
-    """The published data set copied to s3://BUCKET/PREFIX (its manifest changed as given); its URI."""
+def copy_dataset(s3_client, source: dict, prefix: str, *, train: bool = True, **manifest_changes) -> str:
+    """The published data set copied to s3://BUCKET/PREFIX (its manifest changed as given; without its training
+    records when not `train`); its URI."""
     bucket = source["bucket"]
-    for key in ("validation/val.rec", "validation/val.idx"):
+    keys = ["validation/val.rec", "validation/val.idx"]
+    for key in keys + (["training/train.rec", "training/train.idx"] if train else []):
         s3_client.copy_object(Bucket=bucket, Key=f"{prefix}/{key}", CopySource={"Bucket": bucket, "Key": f"ds/{key}"},
                               MetadataDirective="COPY")  # fmt: skip
     manifest = {**source["manifest"], **manifest_changes}
@@ -219,6 +221,63 @@ def test_the_report_is_written_beside_the_evaluation_whole_and_self_contained(da
 
     # The local trainer recorded its curves: drawn, not "not recorded".
     assert "training-not-recorded" not in page.text_of
+
+    # The leakage section: this split is clean, and says so; no pair is shown.
+    count = next(attrs for tag, attrs in page.elements if attrs.get("id") == "leakage-count")
+    assert count["data-leaked"] == "0" == str(stored["leakage"]["leaked"]) and count["data-max-distance"] == "4"
+    assert f"0 of {stored['split']['images']} validation images" in page.text_of["leakage-count"]
+    assert not leak_pairs(page)
+
+
+def leak_pairs(page: Page) -> list[dict]:
+    """The leakage section's pairs: each figure's data- attributes and its two images (bytes, in order)."""
+    pairs: list[dict] = []
+    for tag, attrs in page.elements:
+        if tag == "figure" and "leak-pair" in attrs.get("class", ""):
+            pairs.append({**attrs, "images": [], "alts": []})
+        elif tag == "img" and pairs and len(pairs[-1]["images"]) < 2:
+            pairs[-1]["images"].append(base64.b64decode(attrs["src"].split(",", 1)[1]))
+            pairs[-1]["alts"].append(attrs["alt"])
+    return pairs
+
+
+def test_the_report_shows_each_leak_beside_its_training_image(leaky, trained, s3_client, mxnet_python):  # noqa: F811
+    doc = evaluate(trained, leaky["uri"], client=s3_client, mxnet_python=mxnet_python)
+    write_evaluation(doc, leaky["uri"], "leaky-report", client=s3_client)
+    page = Page(get(s3_client, report_uri(leaky["uri"], "leaky-report")).decode("utf-8"))
+    block = doc["leakage"]
+    count = next(attrs for tag, attrs in page.elements if attrs.get("id") == "leakage-count")
+    assert count["data-leaked"] == str(block["leaked"]) == str(len(leaky["planted"]))
+    assert float(count["data-fraction"]) == block["fraction"]
+    text = page.text_of["leakage"]
+    assert f"{block['leaked']} of {block['validation_images']} validation images" in text
+    assert "optimistic" in text and "split_group_regex" in text and "--group-regex" in text
+
+    # One pair per example, in the block's order: the validation image as val.rec has it beside the training image
+    # as train.rec has it (the grid shows records of at most 160 px as stored).
+    val_images = records(leaky["val_rec"])
+    train_images = records(leaky["root"] / "train.rec")
+    pairs = leak_pairs(page)
+    assert [(int(p["data-val-id"]), int(p["data-train-id"]), int(p["data-distance"])) for p in pairs] == [
+        (e["val_id"], e["train_id"], e["distance"]) for e in block["examples"]]  # fmt: skip
+    assert {int(p["data-val-id"]): int(p["data-train-id"]) for p in pairs} == leaky["planted"]
+    for pair in pairs:
+        val_id, train_id = int(pair["data-val-id"]), int(pair["data-train-id"])
+        assert pair["images"] == [val_images[val_id], train_images[train_id]]
+        assert pair["alts"] == [f"validation image {val_id}", f"training image {train_id}"]
+
+
+def records(rec: Path) -> dict[int, bytes]:
+    """Each record's image bytes by image ID, read with tagflow's reader."""
+    with RecordReader(rec) as reader:
+        return {int(h.id): image for h, _, image in (unpack_payload(p) for _, p in reader)}
+
+
+def test_a_dataset_without_its_training_records_is_named(dataset, trained, s3_client, mxnet_python):  # noqa: F811
+    uri = copy_dataset(s3_client, dataset, "ds-no-train", train=False)
+    with pytest.raises(InputError, match=f"{uri}: no training/train.rec beside the validation split .*{uri}/training/"
+                                         "train.rec is expected"):  # fmt: skip
+        evaluate(trained, uri, client=s3_client, mxnet_python=mxnet_python)
 
 
 def test_the_ap_chart_draws_one_bar_per_label_or_the_best_and_worst_25(dataset, trained, s3_client,  # noqa: F811
