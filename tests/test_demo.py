@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from tagflow import demo, s3
+from tagflow.demo import render
 from tagflow.errors import InputError
 from tagflow.listfile import parse_list, read_label_names
 from tagflow.paths import source_uri
@@ -23,7 +24,7 @@ MUST_LEARN = [
     "bg_light",
     "bg_warm",
     "bg_cool",
-    *(f"color_{c}" for c in demo.COLORS if c not in ("white", "black")),
+    *(f"color_{c}" for c in render.COLORS if c not in ("white", "black")),
     "has_border",
     "text_banner",
 ]
@@ -77,8 +78,8 @@ def test_labels_are_multi_hot_with_frequencies_between_4_and_60_percent(designs)
     per_image = labels.sum(axis=1)
     assert per_image.min() >= 4, "every design has a background, a layout, a shape kind and a colour"
     # Groups that are exclusive by construction.
-    for group in (demo.BACKGROUNDS, demo.LAYOUTS):
-        prefix = "bg_" if group is demo.BACKGROUNDS else "layout_"
+    for group in (render.BACKGROUNDS, render.LAYOUTS):
+        prefix = "bg_" if group is render.BACKGROUNDS else "layout_"
         cols = [demo.LABEL_NAMES.index(prefix + name) for name in group]
         assert np.all(labels[:, cols].sum(axis=1) == 1)
     both = labels[:, demo.LABEL_NAMES.index("bg_dark")] & labels[:, demo.LABEL_NAMES.index("bg_light")]
