@@ -5,7 +5,8 @@ One run: **resolve the form** → **prepare** (parse and validate the list file,
 **download** and **pack** (mapped, any worker) → **publish** `PREFIX/training/train.rec`,
 `PREFIX/validation/val.rec` and the manifest → **train** or **tune** (local algorithm environment, or SageMaker's
 built-in image-classification algorithm) → **evaluate gate** (score the new and the serving model on the current
-validation split, write the evaluation and its report, decide) → **deploy** → **smoke test** the endpoint.
+validation split, write the evaluation and its report, decide) → **approve deploy** (with `approval` manual only:
+a person approves or rejects on the run's Required actions) → **deploy** → **smoke test** the endpoint.
 
 - Trigger it with the form (**Trigger DAG**): pick a preset (`50-label-rs96`, `ic-multi-label`) and override any
   field; empty Dataset fields take the preset's values. `num_classes` and `num_training_samples` always come from
@@ -17,7 +18,10 @@ validation split, write the evaluation and its report, decide) → **deploy** �
 - Tasks hand each other S3 keys, never data: any worker can run any task.
 - The gate deploys only a model whose macro mAP (`gate_metric`) is at least `gate_lift` × the label-frequency
   baseline's and `gate_threshold`, and not worse than the serving model's on the same images (`gate_tolerance`).
-  Its decision and reason are the run's note.
+  Its decision and reason are the run's note. With `approval` manual a model the gate passes waits for a
+  person (the comparison table and the report link are shown); reject, or no answer within
+  `approval_timeout_h`, leaves the endpoint as it is, and the note says "rejected by USER" or "approval timed
+  out". With `approval` auto, or when the gate refuses, nobody is asked (`approve_deploy` is skipped).
 - A scheduled or backfill run whose dataset and training settings equal the serving model's stops after publish
   ("nothing new since MODEL"); `force_training` trains anyway, and a manual run always trains.
 - Assets: `tagflow-dataset` (each publish) and `tagflow-model` (each evaluated model: the gate's decision, mAP,
@@ -31,10 +35,12 @@ from datetime import datetime, timedelta
 
 from airflow.sdk import DAG, Asset, CronDataIntervalTimetable, Param, TriggerRule, chain, task_group
 
+from tagflow.dag_id import DAG_ID
 from tagflow.runconfig import PARAMS
 from tagflow_ops.operators import (
     ChooseBranchOperator,
     ChooseTrainingOperator,
+    DeployApprovalOperator,
     DownloadShardOperator,
     EvaluateGateOperator,
     LocalDeployOperator,
@@ -64,7 +70,7 @@ TUNING_TIMEOUT = timedelta(hours=96)
 TRIGGER_POLLS = 480  # SageMakerTrigger's default waiter_max_attempts
 
 with DAG(
-    dag_id="tagflow",
+    dag_id=DAG_ID,
     description="List file → RecordIO → SageMaker image-classification (multi-label) → endpoint",
     doc_md=__doc__,
     schedule=CronDataIntervalTimetable(SCHEDULE, timezone="UTC"),
@@ -126,10 +132,17 @@ with DAG(
         trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS,
         outlets=[MODEL],
     )
+    # Asks only when the gate's XCom says approval_required (manual approval, a model the gate passes); else skipped.
+    # Reject or timeout: it skips choose_deploy. Skipped itself: choose_deploy follows the gate's route.
+    approve = DeployApprovalOperator(
+        task_id="approve_deploy", config=CONFIG, decision=gate.output, outlets=[MODEL],
+        execution_timeout=timedelta(minutes=10),  # asking; the wait is the form's approval_timeout_h
+    )  # fmt: skip
     choose_deploy = ChooseBranchOperator(
         task_id="choose_deploy",
         key="{{ ti.xcom_pull(task_ids='evaluate_gate')['route'] }}",
         branches={"local": "deploy_local", "sagemaker": "sagemaker_endpoint_config", "keep": None},
+        trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS,
     )
     deploy_local = LocalDeployOperator(task_id="deploy_local", config=CONFIG, decision=gate.output)
     endpoint_config = SageMakerEndpointConfigOperator(
@@ -147,7 +160,8 @@ with DAG(
     choose_training >> [local_train, local_tune, training_request, tuning_request]
     training_request >> sagemaker_train
     tuning_request >> sagemaker_tune
-    [local_train, local_tune, sagemaker_train, sagemaker_tune] >> gate >> choose_deploy
+    [local_train, local_tune, sagemaker_train, sagemaker_tune] >> gate >> approve
+    [gate, approve] >> choose_deploy
     choose_deploy >> [deploy_local, endpoint_config]
     chain(endpoint_config, sagemaker_model, sagemaker_deploy)
     [deploy_local, sagemaker_deploy] >> smoke_test

@@ -8,7 +8,9 @@ whatever executor ran the tasks (LocalExecutor, CeleryExecutor, and `dag.test`, 
 so the note is written in the same transaction that ends the run. A note someone already wrote is kept.
 
 The text comes from the tasks' XComs: `evaluate_gate` (decision, reason, mAP, baseline, the serving model's mAP)
-or, for a run that stopped after publish, `choose_training`'s "nothing new since MODEL" (`tagflow.deploy.run_note`).
+with, under manual approval, `approve_deploy`'s answer ("approved by USER", "rejected by USER", "approval timed
+out"), or, for a run that stopped after publish, `choose_training`'s "nothing new since MODEL"
+(`tagflow.deploy.run_note`, `tagflow.deploy.with_approval`).
 """
 
 from __future__ import annotations
@@ -20,21 +22,22 @@ from typing import TYPE_CHECKING, Any
 from airflow.listeners import hookimpl
 from airflow.plugins_manager import AirflowPlugin
 
+from tagflow.dag_id import DAG_ID
+
 if TYPE_CHECKING:
     from airflow.models.dagrun import DagRun
 
 log = logging.getLogger(__name__)
 
-DAG_ID = "tagflow"
-GATE_TASK, TRAINING_TASK = "evaluate_gate", "choose_training"
+GATE_TASK, TRAINING_TASK, APPROVAL_TASK = "evaluate_gate", "choose_training", "approve_deploy"
 
 
 def _results(dag_run: DagRun, session) -> dict[str, Any]:
     from airflow.models.xcom import XComModel
 
     query = XComModel.get_many(
-        run_id=dag_run.run_id, dag_ids=dag_run.dag_id, key="return_value", task_ids=[GATE_TASK, TRAINING_TASK],
-        map_indexes=-1,
+        run_id=dag_run.run_id, dag_ids=dag_run.dag_id, key="return_value",
+        task_ids=[GATE_TASK, TRAINING_TASK, APPROVAL_TASK], map_indexes=-1,
     )  # fmt: skip
     rows = session.scalars(query)
     return {row.task_id: XComModel.deserialize_value(row) for row in rows}
@@ -49,7 +52,7 @@ def set_note(dag_run: DagRun) -> str | None:
     from airflow.models.dagrun import DagRun as DagRunModel
     from sqlalchemy.orm import object_session
 
-    from tagflow.deploy import run_note
+    from tagflow.deploy import run_note, with_approval
 
     if dag_run.dag_id != DAG_ID:
         return None
@@ -62,7 +65,10 @@ def set_note(dag_run: DagRun) -> str | None:
     if dag_run.note:
         return None  # a person's note is kept
     results = _results(dag_run, session)
-    note = run_note(results.get(GATE_TASK), results.get(TRAINING_TASK))
+    gate = results.get(GATE_TASK)
+    if gate and results.get(APPROVAL_TASK):
+        gate = with_approval(gate, results[APPROVAL_TASK])
+    note = run_note(gate, results.get(TRAINING_TASK))
     if note:
         dag_run.note = note
         session.flush()
