@@ -10,6 +10,9 @@ Two parts, one run:
 - the nearest search (tagflow.leakage.nearest, brute force: XOR and np.bitwise_count over packed uint64 in blocks
   of validation hashes) on synthetic 64-bit hashes of the seed's sizes, each with 32 bits set as the edge hash's
   are, a few hundred of the validation hashes planted within 4 bits of a training hash; median of `--repeat`.
+- `--end-to-end`: tagflow.evaluate.split_leakage against a local S3 server started for the run, on the same
+  designs packed 85/15 into a dataset: the first call (download train.rec, hash both splits, search, one PUT) and
+  the second (the cached result read back: what the champion's and every later run's evaluation pay).
 Then a machine line. Goal: the check adds well under the evaluation's own 5-minute budget for the seed split.
 """
 
@@ -34,16 +37,51 @@ from tagflow.pack import PackParams, pack  # noqa: E402
 SEED_TRAIN, SEED_VAL = 139_500, 15_500
 
 
-def packed_rec(n: int, folder: Path) -> Path:
-    """`n` demo designs packed at 96 px into one train.rec (the pack's own JPEG records)."""
+def packed(n: int, folder: Path, train_ratio: float = 1.0) -> tuple[Path, dict[str, int]]:
+    """`n` demo designs packed at 96 px (the pack's own JPEG records) into `folder`/packed: (that folder, counts)."""
     items = []
     for design in demo.generate(n, seed=7, workers=2):
         path = folder / f"{design.image_id}.{design.ext}"
         path.write_bytes(design.data)
         items.append((design.image_id, design.labels.tolist(), path))
-    report = pack(items, folder / "packed", PackParams(resize=96, train_ratio=1.0), workers=2)
-    assert report.counts["train"] == n and not report.errors, report
-    return folder / "packed" / "train.rec"
+    report = pack(items, folder / "packed", PackParams(resize=96, train_ratio=train_ratio), workers=2)
+    assert sum(report.counts.values()) == n and not report.errors, report
+    return folder / "packed", dict(report.counts)
+
+
+def end_to_end(n: int, work: Path) -> None:
+    """split_leakage computed, then read from its cache, on `n` designs published to a local S3 server."""
+    import json
+
+    from tagflow import s3
+    from tagflow.evaluate import Split, split_leakage
+    from tagflow.local import s3server
+
+    (work / "designs").mkdir()
+    out, counts = packed(n, work / "designs", train_ratio=0.85)
+    server = s3server.start(work / "s3")
+    try:
+        client = server.client()
+        s3.ensure_bucket(client, "bench-leakage")
+        dataset = s3.S3Uri.parse("s3://bench-leakage/designs")
+        for split, folder in (("train", "training"), ("val", "validation")):
+            for ext in ("rec", "idx"):
+                s3.put_file(client, out / f"{split}.{ext}", dataset.join(folder, f"{split}.{ext}"))
+        names = [f"label-{c}" for c in range(demo.NUM_LABELS)]
+        zero = dict.fromkeys(names, 0)
+        manifest = {"counts": counts, "label_names": names, "label_counts": {"train": zero, "val": zero}}
+        key = dataset.join("training", "manifest.json")
+        client.put_object(Bucket=key.bucket, Key=key.key, Body=json.dumps(manifest).encode())
+        print(f"split_leakage on {counts['train']:,} training and {counts['val']:,} validation designs, local S3:")
+        for attempt in ("first (computed)", "second (cached)"):
+            with tempfile.TemporaryDirectory(dir=work) as tmp:
+                started = time.perf_counter()
+                block = split_leakage(client, Split(client, dataset, Path(tmp)))
+                wall = time.perf_counter() - started
+            said = "read from the cache" if block["cached"] else f"spent {block['seconds']}"
+            print(f"  {attempt}: {wall:.2f} s wall, {said}; {block['leaked']} leaked")
+    finally:
+        s3server.stop(work / "s3")
 
 
 def synthetic_hashes(n: int, rng: np.random.Generator) -> np.ndarray:
@@ -68,10 +106,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=3000, help="demo designs to pack and hash")
     parser.add_argument("--repeat", type=int, default=3, help="runs per figure (the median is printed)")
+    parser.add_argument("--end-to-end", action="store_true", help="also time split_leakage against local S3")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="bench-leakage-") as tmp:
-        rec = packed_rec(args.images, Path(tmp))
+        rec = packed(args.images, Path(tmp))[0] / "train.rec"
         size = rec.stat().st_size
         print(f"hashing {args.images} packed 96-px demo JPEG records ({size / args.images / 1024:.1f} KiB each):")
         for workers in (1, 2, 4):
@@ -97,6 +136,9 @@ def main() -> None:
     print(f"nearest search, brute force: {SEED_VAL:,} validation × {SEED_TRAIN:,} training hashes = {pairs / 1e9:.2f} "
           f"G pairs in {seconds:.2f} s ({pairs / seconds / 1e9:.2f} G pairs/s); {found} within "
           f"{leakage.DEFAULT_MAX_DISTANCE} bits (300 planted)")  # fmt: skip
+    if args.end_to_end:
+        with tempfile.TemporaryDirectory(prefix="bench-leakage-") as tmp:
+            end_to_end(args.images, Path(tmp))
     print(machine_line(numpy=np.__version__))
 
 
