@@ -4,6 +4,10 @@
         [--work-dir DIR] [--model-root DIR] [--s3-endpoint URL ...] [--max-bytes N] [--max-pixels N]
         [--idle-timeout S] [--read-timeout S] [--max-connections N]
 
+Parts: this module (routes, connections, limits, admin authorization, main), ic_predictor.py (the loaded model:
+size check, preprocessing, forward, labels, /metadata), ic_sources.py (which model URLs are accepted, download,
+extraction), ic_artifacts.py (the model.tar.gz layout, shared with the evaluation) and ic_errors.py.
+
 The server starts with no model; `POST /admin/load` gives it one (tagflow.local.endpoint.load does it). A model is a
 model.tar.gz as ic_train.py (or SageMaker's built-in algorithm) writes it: `image-classification-symbol.json`,
 `image-classification-NNNN.params` (the one metrics.json names as `params_file`, else the highest-numbered),
@@ -87,64 +91,49 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gzip
-import hashlib
 import hmac
 import io
-import ipaddress
 import json
 import logging
 import os
-import queue
 import re
 import select
 import shutil
 import signal
 import socket
 import sys
-import tarfile
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
-import zlib
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import unquote, urlsplit
 
-import numpy as np
+from ic_artifacts import file_sha256
+from ic_errors import RequestError
+from ic_predictor import DEFAULT_MAX_PIXELS, Model
+from ic_sources import download, extract, origin, shown_url, source_refusal
 
 # cv2 is imported where it is used, after main() has set OPENCV_IO_MAX_IMAGE_PIXELS (read once, at import).
 
 log = logging.getLogger("ic-serve")
 
-MODEL_PREFIX = "image-classification"
 IMAGE_TYPES = frozenset({"image/jpeg", "image/png", "application/x-image"})
 DEFAULT_MAX_BYTES = 6 * 1024 * 1024
-DEFAULT_MAX_PIXELS = 4096 * 4096
 DEFAULT_IDLE_TIMEOUT_S = 10.0
 DEFAULT_READ_TIMEOUT_S = 30.0
 DEFAULT_MAX_CONNECTIONS = 64
 # After a reply that closes the connection before the body was read, at most this much of what the client still
 # sends is read and discarded (within the request's read timeout), so that closing does not reset the reply away.
 DRAIN_LIMIT = 256 * 1024 * 1024
-DECODE_SLOTS = len(os.sched_getaffinity(0))  # decoding is CPU-bound: more at once than cores only costs memory
-_DECODING = threading.BoundedSemaphore(DECODE_SLOTS)
 REJECT_LINGER_S = 2.0  # a connection refused at the bound is read from this long, for its 503 to arrive
 MAX_LINGERING = 64  # and at most this many such connections linger at once (beyond, they are closed at once)
 VARIANT = "AllTraffic"
 ACCOUNT = "000000000000"
 NO_MODEL = "no model is loaded yet"
-MODEL_MEMBERS = (f"{MODEL_PREFIX}-symbol.json", "model-shapes.json")
 LABELS_ACCEPT = "application/json; verbose=true"  # the Accept value that asks /invocations for labels
-MAX_ARCHIVE_BYTES = 2 * 1024**3  # a model.tar.gz larger than this is refused (413) before or while downloading
-MAX_EXTRACTED_BYTES = 4 * 1024**3  # and so is one whose members add up to more (a gzip bomb)
-DOWNLOAD_SOCKET_TIMEOUT_S = 60  # no byte from the model's server for this long fails the load
-DOWNLOAD_DEADLINE_S = 1200  # nor may the whole download take longer
 TOKEN_ENV = "TAGFLOW_ENDPOINT_TOKEN"
 MIN_TOKEN_CHARS = 16
 # SageMaker's endpoint-name rule: what InvokeEndpoint accepts in its path. The single source of this rule is
@@ -152,8 +141,6 @@ MIN_TOKEN_CHARS = 16
 # the two are kept equal here and a test (tests/test_local_endpoint.py) compares them.
 ENDPOINT_NAME = re.compile(r"[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}")
 NAME_RULE = "expected 1-63 letters, digits and inner hyphens (a SageMaker endpoint name)"
-# AWS S3's hosts: s3.amazonaws.com, s3.REGION.amazonaws.com, BUCKET.s3.REGION.amazonaws.com, s3-REGION..., .com.cn
-AWS_S3_HOST = re.compile(r"(?:[a-z0-9][a-z0-9.-]*\.)?s3(?:[.-][a-z0-9-]+)*\.amazonaws\.com(?:\.cn)?")
 
 
 @dataclass(frozen=True)
@@ -165,170 +152,6 @@ class Limits:
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT_S
     read_timeout: float = DEFAULT_READ_TIMEOUT_S
     max_connections: int = DEFAULT_MAX_CONNECTIONS
-
-
-class RequestError(Exception):
-    """A request the server rejects with `status` and a message saying what was expected."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-def is_loopback(host: str) -> bool:
-    """True for a client address on this machine's loopback (127.0.0.0/8, ::1, and IPv4-mapped 127.x)."""
-    try:
-        address = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return False
-    mapped = getattr(address, "ipv4_mapped", None)
-    return (mapped or address).is_loopback
-
-
-def shown_url(url: str) -> str:
-    """`url` without its query: a presigned URL's signature is a credential, never logged or echoed."""
-    parts = urlsplit(url)
-    return parts._replace(query="", fragment="").geturl()
-
-
-def _origin(url: str) -> str | None:
-    """`scheme://host:port` of an http(s) URL (host lower-cased, default port explicit), None for anything else."""
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError:  # a port that is not a number
-        return None
-    scheme = parts.scheme.lower()
-    if scheme not in ("http", "https") or not parts.hostname or parts.username is not None:
-        return None
-    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
-    return f"{scheme}://{host}:{port or (443 if scheme == 'https' else 80)}"
-
-
-def source_refusal(
-    url: str, s3_origins: frozenset[str], model_root: Path | None, client: str
-) -> tuple[int, str] | None:
-    """Why the server will not fetch a model from `url` for a client at address `client` (status, message), or None.
-    Accepted: S3 presigned GET URLs on `s3_origins` or an AWS S3 host (https), and file:// archives under
-    `model_root` from loopback clients (see the module docstring)."""
-    shown = shown_url(url)
-    parts = urlsplit(url)
-    scheme = parts.scheme.lower()
-    if scheme == "file":
-        if not is_loopback(client):
-            return HTTPStatus.FORBIDDEN, "a file:// model_url names a file on the server's machine: loopback only"
-        if model_root is None:
-            return HTTPStatus.FORBIDDEN, "this server loads no local archives (it has no --model-root)"
-        if parts.netloc not in ("", "localhost"):
-            return HTTPStatus.BAD_REQUEST, f"model_url {shown[:200]!r}: a file:// URL names no host"
-        path = Path(os.path.realpath(unquote(parts.path)))
-        if not path.is_relative_to(model_root):
-            return HTTPStatus.FORBIDDEN, f"model_url {shown[:200]!r}: local archives are loaded from {model_root} only"
-        return None
-    origin = _origin(url)
-    if origin is None:
-        return (
-            HTTPStatus.BAD_REQUEST,
-            f"model_url {shown[:200]!r}: expected an S3 presigned URL (http or https) or file://",
-        )
-    host = urlsplit(origin).hostname or ""
-    aws = origin.startswith("https://") and origin.endswith(":443") and AWS_S3_HOST.fullmatch(host)
-    if origin not in s3_origins and not aws:
-        allowed = ", ".join(sorted(s3_origins)) or "none configured"
-        return (
-            HTTPStatus.FORBIDDEN,
-            f"model_url {shown[:200]!r}: models are fetched from the S3 endpoint ({allowed}) or AWS S3 only",
-        )
-    if "X-Amz-Signature" not in parse_qs(parts.query):
-        return HTTPStatus.BAD_REQUEST, f"model_url {shown[:200]!r}: expected an S3 presigned URL (X-Amz-Signature)"
-    return None
-
-
-class _NoRedirects(urllib.request.HTTPRedirectHandler):
-    """A redirect ends the download (as an HTTP error): a model comes from the URL that was accepted, nowhere else."""
-
-    def redirect_request(self, req, fp, code, msg, headers, newurl):  # urllib's signature
-        return None
-
-
-_OPENER = urllib.request.build_opener(_NoRedirects)
-
-
-def download(url: str, dest: Path, limit: int = MAX_ARCHIVE_BYTES) -> int:
-    """Stream `url` into `dest`; RequestError 413 over `limit` bytes, 502 when the transfer fails, 504 past the
-    deadline. Returns the byte count. The upstream's error body is never repeated: only its status and the object."""
-    shown = shown_url(url)
-    started = time.monotonic()
-    try:
-        response = _OPENER.open(url, timeout=DOWNLOAD_SOCKET_TIMEOUT_S)
-    except urllib.error.HTTPError as err:
-        err.close()
-        raise RequestError(HTTPStatus.BAD_GATEWAY, f"GET {shown} answered HTTP {err.code}") from None
-    except (urllib.error.URLError, OSError) as err:
-        reason = getattr(err, "reason", err)
-        raise RequestError(HTTPStatus.BAD_GATEWAY, f"GET {shown} failed: {reason}") from None
-    with response, dest.open("wb") as out:
-        declared = response.headers.get("Content-Length")
-        expected = int(declared) if declared and declared.isdigit() else None
-        if expected is not None and expected > limit:
-            raise RequestError(
-                HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"{shown} has {expected} bytes; the limit is {limit}"
-            )
-        total = 0
-        try:
-            while chunk := response.read(1 << 20):
-                total += len(chunk)
-                if total > limit:
-                    raise RequestError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"{shown} is over the {limit}-byte limit")
-                if time.monotonic() - started > DOWNLOAD_DEADLINE_S:
-                    raise RequestError(
-                        HTTPStatus.GATEWAY_TIMEOUT, f"GET {shown} took over {DOWNLOAD_DEADLINE_S}s ({total} bytes)"
-                    )
-                out.write(chunk)
-        except OSError as err:  # a socket timeout or a reset mid-body
-            raise RequestError(HTTPStatus.BAD_GATEWAY, f"GET {shown} failed after {total} bytes: {err}") from None
-    if expected is not None and total != expected:
-        raise RequestError(HTTPStatus.BAD_GATEWAY, f"GET {shown} ended after {total} of {expected} bytes")
-    return total
-
-
-def _private_data(member: tarfile.TarInfo, path: str) -> tarfile.TarInfo:
-    """tarfile's "data" filter, and the extracted files for this user only (tarfile sets modes with chmod, which
-    the umask does not narrow)."""
-    member = tarfile.data_filter(member, path)
-    return member if member.mode is None else member.replace(mode=member.mode & 0o700, deep=False)
-
-
-def extract(archive: Path, dest: Path, source: str, limit: int = MAX_EXTRACTED_BYTES) -> None:
-    """Unpack a model.tar.gz into `dest` (tarfile's "data" filter: no absolute paths, links out or devices) and
-    check it holds an image-classification model; RequestError 422 (or 413 over `limit` bytes) otherwise."""
-    total = 0
-    try:
-        fh = archive.open("rb")
-    except OSError:  # missing, unreadable or a folder: one answer, which says nothing of what is there
-        raise RequestError(HTTPStatus.UNPROCESSABLE_ENTITY, f"{source}: the model archive cannot be read") from None
-    try:
-        with fh, tarfile.open(fileobj=fh) as tar:
-            for member in tar:
-                total += member.size
-                if total > limit:
-                    raise RequestError(
-                        HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"{source}: the archive unpacks to over {limit} bytes"
-                    )
-                tar.extract(member, dest, filter=_private_data)
-    except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as err:
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        if reason.endswith("opened successfully:"):  # tarfile tried every compression it knows
-            reason = "no tar archive, compressed or not"
-        message = f"{source}: not a readable model.tar.gz ({reason})"
-        raise RequestError(HTTPStatus.UNPROCESSABLE_ENTITY, message) from None
-    missing = [m for m in MODEL_MEMBERS if not (dest / m).is_file()]
-    if missing or not any(dest.glob(f"{MODEL_PREFIX}-*.params")):
-        raise RequestError(
-            HTTPStatus.UNPROCESSABLE_ENTITY,
-            f"{source}: not an image-classification model; it lacks "
-            f"{', '.join(missing) or f'{MODEL_PREFIX}-NNNN.params'}",
-        )
 
 
 def admin_refusal(token: str, authorization: str) -> str | None:
@@ -368,188 +191,6 @@ def offered_thresholds(value: object) -> dict | None:
     if len(names) != len(cuts):
         raise ValueError(f"thresholds has {len(names)} label names for {len(cuts)} thresholds; expected one each")
     return {"evaluation": evaluation, "model_sha256": sha, "label_names": names, "thresholds": [float(t) for t in cuts]}
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while block := fh.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _params_file(model_dir: Path, metrics: dict) -> Path:
-    named = metrics.get("params_file")
-    if named:
-        path = model_dir / named
-        if not path.is_file():
-            raise FileNotFoundError(f"{model_dir / 'metrics.json'} names params_file {named!r}, which is missing")
-        return path
-    found = sorted(model_dir.glob(f"{MODEL_PREFIX}-[0-9][0-9][0-9][0-9].params"))
-    if not found:
-        raise FileNotFoundError(f"{model_dir}: no {MODEL_PREFIX}-NNNN.params file")
-    return found[-1]
-
-
-class Model:
-    """One loaded network: an executor bound for a single image, plus what /metadata reports about it."""
-
-    def __init__(
-        self, model_dir: Path, source: str | None = None, workers: int = 1, max_pixels: int = DEFAULT_MAX_PIXELS
-    ) -> None:
-        import mxnet as mx
-
-        self.model_dir = model_dir.resolve()
-        self.source = source or str(self.model_dir)
-        metrics_path = model_dir / "metrics.json"
-        self.metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
-        shapes = json.loads((model_dir / "model-shapes.json").read_text())
-        data = next((s for s in shapes if s.get("name") == "data"), None)
-        if data is None or len(data.get("shape", [])) != 4:
-            raise ValueError(f"{model_dir / 'model-shapes.json'}: expected a 'data' entry with shape [B, C, H, W]")
-        self.channels, self.height, self.width = (int(v) for v in data["shape"][1:])
-        resize = (self.metrics.get("hyperparameters") or {}).get("resize")
-        self.resize = int(resize) if resize else max(self.height, self.width)
-        self.max_pixels = max_pixels
-        self.params_file = _params_file(model_dir, self.metrics)
-        symbol = mx.sym.load(str(model_dir / f"{MODEL_PREFIX}-symbol.json"))
-        loaded = mx.nd.load(str(self.params_file))
-        args = {k[4:]: v for k, v in loaded.items() if k.startswith("arg:")}
-        auxs = {k[4:]: v for k, v in loaded.items() if k.startswith("aux:")}
-        shape = (1, self.channels, self.height, self.width)
-        self._idle: queue.SimpleQueue = queue.SimpleQueue()  # executors not running a forward right now
-        for _ in range(max(1, workers)):
-            executor = symbol.simple_bind(mx.cpu(), grad_req="null", data=shape)
-            executor.copy_params_from(args, auxs, allow_extra_params=True)
-            self._idle.put(executor)
-        missing = [n for n in symbol.list_arguments() if n not in args and n not in ("data", "softmax_label")]
-        if missing:
-            raise ValueError(f"{self.params_file}: no values for {', '.join(missing[:5])}")
-        self.num_classes = int(executor.outputs[0].shape[1])
-        self.workers = max(1, workers)
-        self.loaded_at = datetime.now(UTC).isoformat(timespec="seconds")
-        self.sha256: str | None = None  # the archive's, set by Server.load
-        self.thresholds: dict | None = None  # see attach_thresholds
-        self.thresholds_problem: str | None = "no thresholds were given with this model"
-        self.predict(np.zeros((self.channels, self.height, self.width), np.float32))  # warm up before serving
-
-    def attach_thresholds(self, offered: dict | None, problem: str | None) -> None:
-        """Keep the loader's per-label thresholds when they were chosen for this archive (its sha256) and number
-        one per output; otherwise keep none and say why (`problem`: the loader's reason it sent none)."""
-        if offered is None:
-            problem = problem or self.thresholds_problem
-        elif offered["model_sha256"] != self.sha256:
-            problem = (
-                f"{offered['evaluation']} describes the archive with sha256 {offered['model_sha256']}, but the one "
-                f"fetched from {self.source} has sha256 {self.sha256} (it changed after the loader checked it)"
-            )
-        elif len(offered["thresholds"]) != self.num_classes:
-            problem = (
-                f"{offered['evaluation']} has {len(offered['thresholds'])} thresholds, but the model has "
-                f"{self.num_classes} outputs"
-            )
-        else:
-            problem = None
-        self.thresholds, self.thresholds_problem = (offered if problem is None else None), problem
-
-    def labels(self, probs: list[float]) -> dict:
-        """The labels answer: the names of the labels whose probability is >= their threshold, and every
-        probability (the built-in's array)."""
-        assert self.thresholds is not None
-        names, cuts = self.thresholds["label_names"], self.thresholds["thresholds"]
-        return {"labels": [n for n, p, t in zip(names, probs, cuts, strict=True) if p >= t], "probabilities": probs}
-
-    def _resized(self, w: int, h: int) -> tuple[int, int]:
-        """The size an image of w x h is resized to before the centre crop (its shorter side to `resize`)."""
-        scale = self.resize / min(h, w)
-        return max(self.width, round(w * scale)), max(self.height, round(h * scale))
-
-    def check_size(self, body: bytes) -> None:
-        """Refuse (413) an image larger than `max_pixels`, or one whose resize would be (a 1-pixel-high strip),
-        from its header alone; 400 when the header is no image's."""
-        from PIL import Image
-
-        Image.MAX_IMAGE_PIXELS = None  # Pillow's own bomb check (a warning, then an error at 2x) is this one's job
-        try:
-            with Image.open(io.BytesIO(body)) as img:  # reads the header only; decodes nothing
-                w, h = img.size
-        except Exception:  # any header Pillow cannot parse (its plugins raise many kinds): not an image for us
-            raise RequestError(HTTPStatus.BAD_REQUEST, "the body is not a decodable JPEG or PNG image") from None
-        if w < 1 or h < 1:
-            raise RequestError(HTTPStatus.BAD_REQUEST, f"the image is {w}x{h} pixels; expected at least 1x1")
-        limit = f"the limit is {self.max_pixels} pixels (--max-pixels)"
-        if w * h > self.max_pixels:
-            raise RequestError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"the image is {w}x{h} = {w * h} pixels; {limit}")
-        rw, rh = self._resized(w, h)
-        if rw * rh > self.max_pixels:
-            raise RequestError(
-                HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                f"the image is {w}x{h} pixels, which the model resizes to {rw}x{rh} = {rw * rh} pixels; {limit}",
-            )
-
-    def preprocess(self, body: bytes) -> np.ndarray:
-        """Image bytes → (C, H, W) float32 RGB pixels, as the trainer's record iterator produces them. The size is
-        checked from the header first; at most DECODE_SLOTS images are decoded at once."""
-        import cv2
-
-        self.check_size(body)
-        flag = cv2.IMREAD_GRAYSCALE if self.channels == 1 else cv2.IMREAD_COLOR
-        with _DECODING:
-            try:
-                img = cv2.imdecode(np.frombuffer(body, np.uint8), flag)
-            except cv2.error as err:  # OPENCV_IO_MAX_IMAGE_PIXELS is the second line behind check_size
-                if "CV_IO_MAX_IMAGE_PIXELS" in str(err):
-                    raise RequestError(
-                        HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                        f"the image decodes to more than {self.max_pixels} pixels (--max-pixels)",
-                    ) from None
-                raise RequestError(HTTPStatus.BAD_REQUEST, "the body is not a decodable JPEG or PNG image") from None
-            if img is None or img.size == 0:
-                raise RequestError(HTTPStatus.BAD_REQUEST, "the body is not a decodable JPEG or PNG image")
-            h, w = img.shape[:2]
-            scale = self.resize / min(h, w)
-            if scale != 1.0:
-                img = cv2.resize(
-                    img, self._resized(w, h), interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
-                )
-        h, w = img.shape[:2]
-        top, left = (h - self.height) // 2, (w - self.width) // 2
-        img = img[top : top + self.height, left : left + self.width]
-        if self.channels == 1:
-            return img[None].astype(np.float32)
-        return cv2.cvtColor(img, cv2.COLOR_BGR2RGB).transpose(2, 0, 1).astype(np.float32)
-
-    def predict(self, chw: np.ndarray) -> list[float]:
-        executor = self._idle.get()  # blocks while every executor is busy: one forward per executor at a time
-        try:
-            executor.arg_dict["data"][:] = chw[None]
-            executor.forward(is_train=False)
-            return executor.outputs[0].asnumpy()[0].astype(float).tolist()
-        finally:
-            self._idle.put(executor)
-
-    def describe(self) -> dict:
-        """/metadata. A model without metrics.json (SageMaker's built-in writes none) gets explicit nulls for what
-        only that file says (multi_label, the saved epoch, label names, metrics), never a guess."""
-        known = bool(self.metrics)
-        multi = self.metrics.get("multi_label")
-        return {
-            "model_dir": str(self.model_dir),
-            "source": self.source,
-            "params_file": self.params_file.name,
-            "params_file_chosen_by": "metrics.json" if self.metrics.get("params_file") else "highest-numbered",
-            "loaded_at": self.loaded_at,
-            "num_classes": self.num_classes,
-            "image_shape": [self.channels, self.height, self.width],
-            "multi_label": None if multi is None else bool(multi),
-            "saved_epoch": self.metrics.get("best_epoch"),
-            "selected_by": self.metrics.get("selected_by"),
-            "label_names": self.metrics.get("label_names"),
-            "metrics": self.metrics if known else None,
-            "sha256": self.sha256,
-            "thresholds": self.thresholds,
-            "thresholds_problem": self.thresholds_problem,
-        }
 
 
 class _Connection:
@@ -1058,7 +699,7 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO, stream=sys.stdout, format="[%(asctime)s %(levelname)s %(thread)d] %(message)s"
     )
     token = os.environ.get(TOKEN_ENV, "").strip()
-    origins = {url: _origin(url) for url in args.s3_endpoint}
+    origins = {url: origin(url) for url in args.s3_endpoint}
     bad_origin = next((url for url, origin in origins.items() if origin is None), None)
     if not ENDPOINT_NAME.fullmatch(args.name):
         problem = f"--name {args.name[:200]!r}: {NAME_RULE}"

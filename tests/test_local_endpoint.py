@@ -548,7 +548,8 @@ POLICY = """
 import json, sys
 from pathlib import Path
 sys.path.insert(0, sys.argv[1])
-from ic_serve import admin_refusal, source_refusal
+from ic_serve import admin_refusal
+from ic_sources import source_refusal
 cases = json.loads(sys.argv[2])
 root = Path(sys.argv[3])
 print(json.dumps({
