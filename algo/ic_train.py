@@ -270,90 +270,36 @@ def copy_params(module) -> tuple[dict, dict]:
 
 
 def train(job: Path, hp: Hyperparameters, train_ch: Channel, val_ch: Channel, stop: dict[str, bool]) -> dict:
-    import mxnet as mx
-    from ic_model import inference_symbol, training_symbol
-
+    """Train for hp.epochs (or until early stopping or a stop request), keep the best epoch by the selection metric,
+    and write the model folder in the built-in's layout plus metrics.json; returns metrics.json's content."""
     model_dir, out_dir = job / "model", job / "output" / "data"
     model_dir.mkdir(parents=True, exist_ok=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     threads = max(1, min(4, os.cpu_count() or 1))
     train_iter, val_iter = make_iters(hp, train_ch, val_ch, threads)
     multi = bool(hp.multi_label)
-    symbol = training_symbol(hp.num_layers, hp.num_classes, multi)
-    fixed = ["pos_weight"] if multi else None
-    module = mx.mod.Module(symbol, data_names=["data"], label_names=["softmax_label"], context=mx.cpu(),
-                           fixed_param_names=fixed)  # fmt: skip
-    module.bind(data_shapes=train_iter.provide_data, label_shapes=train_iter.provide_label, for_training=True)
-    module.init_params(mx.init.Xavier(rnd_type="gaussian", factor_type="in", magnitude=2))
-    if multi:
-        args, auxs = module.get_params()
-        args["pos_weight"] = mx.nd.array(positive_weights(hp, train_ch))
-        module.set_params(args, auxs)
-    batches_per_epoch = math.ceil(train_ch.count / hp.mini_batch_size)
-    opt, opt_params = make_optimizer(hp, batches_per_epoch)
-    module.init_optimizer(optimizer=opt, optimizer_params=opt_params)
-    infer = inference_symbol(hp.num_layers, hp.num_classes, multi)
-    infer_args = set(infer.list_arguments())
+    module, batches_per_epoch = build_module(hp, train_ch, train_iter)
+    infer_args = set(inference_network(hp).list_arguments())
 
     history: list[dict[str, object]] = []
     selected_by = selection_metric(hp, val_ch)
     log.info("the saved model will be the epoch with the best validation %s", selected_by)
     best: dict[str, object] = {"value": -math.inf, "epoch": None, "params": None, "metrics": None}
     checkpoints: dict[str, int] = {}  # params file name → the epoch (as logged) whose weights it holds
-    total_batches = batches_per_epoch * hp.epochs
-    done_batches, started, stall = 0, time.time(), 0
+    progress = Progress(total_batches=batches_per_epoch * hp.epochs, per_epoch=batches_per_epoch)
+    stall = 0
     stopped_early = interrupted = False
-
-    def eta(done: int) -> float:
-        return (time.time() - started) / max(done, 1) * max(total_batches - done, 0)
-
     for epoch in range(hp.epochs):
-        tic = last_log = time.time()
-        train_iter.reset()
-        correct = count = 0.0
-        seen = nbatch = logged = 0
-
+        tic = time.time()
         try:
-            for nbatch, batch in enumerate(train_iter, 1):
-                if stop["now"]:
-                    raise Stop
-                module.forward_backward(batch)
-                module.update()
-                keep = batch.data[0].shape[0] - (batch.pad or 0)
-                c, n = batch_accuracy(module.get_outputs()[0].asnumpy()[:keep], batch.label[0].asnumpy()[:keep], multi)
-                correct, count, seen = correct + c, count + n, seen + keep
-                done_batches += 1
-                if time.time() - last_log >= PROGRESS_SECONDS:
-                    log_progress(
-                        epoch,
-                        nbatch,
-                        batches_per_epoch,
-                        seen / max(time.time() - tic, 1e-9),
-                        correct / max(count, 1),
-                        eta(done_batches),
-                    )
-                    last_log, logged = time.time(), nbatch
-            if logged != nbatch:
-                log_progress(
-                    epoch,
-                    nbatch,
-                    batches_per_epoch,
-                    seen / max(time.time() - tic, 1e-9),
-                    correct / max(count, 1),
-                    eta(done_batches),
-                )
+            train_acc = train_epoch(module, train_iter, epoch, multi, progress, stop)
         except Stop:
             interrupted = True
             log.info("Stop requested (SIGTERM) in epoch %d: saving the best model so far", epoch)
             break
-        train_acc = correct / max(count, 1)
         log.info("Epoch[%d] Train-accuracy=%f", epoch, train_acc)
         log.info("Epoch[%d] Time cost=%.3f", epoch, time.time() - tic)
-        metrics, _ = evaluate(module, val_iter, hp, val_ch.count)
-        val_acc = float(metrics["accuracy"])  # type: ignore[arg-type]
-        log.info("Epoch[%d] Validation-accuracy=%f", epoch, val_acc)
-        for name in ("mAP", "micro_f1", "macro_f1") if multi else tuple(k for k in metrics if k != "accuracy"):
-            log.info("Epoch[%d] Validation-%s=%f", epoch, name, metrics[name])
+        metrics = validate_epoch(module, val_iter, hp, val_ch, epoch)
         history.append(
             {"epoch": epoch, "train_accuracy": train_acc, "time": round(time.time() - tic, 3)}
             | {f"validation_{k}": v for k, v in metrics.items() if not isinstance(v, list)}
@@ -385,13 +331,9 @@ def train(job: Path, hp: Hyperparameters, train_ch: Channel, val_ch: Channel, st
     for name, value in best["metrics"].items():  # type: ignore[union-attr]
         if not isinstance(value, list):
             log.info("Saved-model (epoch %d) Validation-%s=%f", best_epoch, name, value)
-    params_name = params_file(best_epoch)
-    save_params(module, model_dir / params_name, infer_args)
-    infer.save(str(model_dir / f"{MODEL_PREFIX}-symbol.json"))
-    shapes = [{"name": "data", "shape": [hp.mini_batch_size, *hp.image_shape]}]
-    (model_dir / "model-shapes.json").write_text(json.dumps(shapes))
+    params_name = save_model(module, hp, model_dir, best_epoch, infer_args)
     summary = {
-        "algorithm": f"image-classification (local, MXNet {mx.__version__})",
+        "algorithm": f"image-classification (local, MXNet {mxnet_version()})",
         "multi_label": hp.multi_label,
         "accuracy_definition": (
             "fraction of (image, label) decisions that are right at probability >= 0.5"
@@ -415,13 +357,109 @@ def train(job: Path, hp: Hyperparameters, train_ch: Channel, val_ch: Channel, st
         "history": history,
         "hyperparameters": {k: list(v) if isinstance(v, tuple) else v for k, v in hp.to_dict().items()},
         "ignored_hyperparameters": list(hp.ignored),
-        "seconds": round(time.time() - started, 3),
+        "seconds": round(time.time() - progress.started, 3),
     }
     text = json.dumps(summary, indent=2)
     (model_dir / "metrics.json").write_text(text)
     (out_dir / "metrics.json").write_text(text)
     draw_curve(history, out_dir / "training-curve.png", multi, best_epoch)
     return summary
+
+
+def mxnet_version() -> str:
+    import mxnet as mx
+
+    return mx.__version__
+
+
+def inference_network(hp: Hyperparameters):
+    """The inference symbol saved with the model (the training symbol without its loss)."""
+    from ic_model import inference_symbol
+
+    return inference_symbol(hp.num_layers, hp.num_classes, bool(hp.multi_label))
+
+
+def build_module(hp: Hyperparameters, train_ch: Channel, train_iter):
+    """The training module bound to the iterator's shapes, initialised, with its optimizer; (module, batches per
+    epoch). Multi-label: the loss's per-label positive weights come from the training labels (kept fixed)."""
+    import mxnet as mx
+    from ic_model import training_symbol
+
+    multi = bool(hp.multi_label)
+    symbol = training_symbol(hp.num_layers, hp.num_classes, multi)
+    fixed = ["pos_weight"] if multi else None
+    module = mx.mod.Module(symbol, data_names=["data"], label_names=["softmax_label"], context=mx.cpu(),
+                           fixed_param_names=fixed)  # fmt: skip
+    module.bind(data_shapes=train_iter.provide_data, label_shapes=train_iter.provide_label, for_training=True)
+    module.init_params(mx.init.Xavier(rnd_type="gaussian", factor_type="in", magnitude=2))
+    if multi:
+        args, auxs = module.get_params()
+        args["pos_weight"] = mx.nd.array(positive_weights(hp, train_ch))
+        module.set_params(args, auxs)
+    batches_per_epoch = math.ceil(train_ch.count / hp.mini_batch_size)
+    opt, opt_params = make_optimizer(hp, batches_per_epoch)
+    module.init_optimizer(optimizer=opt, optimizer_params=opt_params)
+    return module, batches_per_epoch
+
+
+class Progress:
+    """Batches done over the whole job, for the progress lines' ETA."""
+
+    def __init__(self, total_batches: int, per_epoch: int) -> None:
+        self.total, self.per_epoch, self.done, self.started = total_batches, per_epoch, 0, time.time()
+
+    def eta(self) -> float:
+        return (time.time() - self.started) / max(self.done, 1) * max(self.total - self.done, 0)
+
+
+def train_epoch(module, train_iter, epoch: int, multi: bool, progress: Progress, stop: dict[str, bool]) -> float:
+    """One pass over the training data, a progress line every PROGRESS_SECONDS and at the end; its training
+    accuracy. Raises Stop when a stop was requested."""
+    tic = last_log = time.time()
+    train_iter.reset()
+    correct = count = 0.0
+    seen = nbatch = logged = 0
+
+    def report() -> None:
+        speed = seen / max(time.time() - tic, 1e-9)
+        log_progress(epoch, nbatch, progress.per_epoch, speed, correct / max(count, 1), progress.eta())
+
+    for nbatch, batch in enumerate(train_iter, 1):
+        if stop["now"]:
+            raise Stop
+        module.forward_backward(batch)
+        module.update()
+        keep = batch.data[0].shape[0] - (batch.pad or 0)
+        c, n = batch_accuracy(module.get_outputs()[0].asnumpy()[:keep], batch.label[0].asnumpy()[:keep], multi)
+        correct, count, seen = correct + c, count + n, seen + keep
+        progress.done += 1
+        if time.time() - last_log >= PROGRESS_SECONDS:
+            report()
+            last_log, logged = time.time(), nbatch
+    if logged != nbatch:
+        report()
+    return correct / max(count, 1)
+
+
+def validate_epoch(module, val_iter, hp: Hyperparameters, val_ch: Channel, epoch: int) -> dict[str, object]:
+    """The epoch's validation metrics, logged one per line as the built-in does (accuracy first)."""
+    metrics, _ = evaluate(module, val_iter, hp, val_ch.count)
+    log.info("Epoch[%d] Validation-accuracy=%f", epoch, float(metrics["accuracy"]))  # type: ignore[arg-type]
+    names = ("mAP", "micro_f1", "macro_f1") if hp.multi_label else tuple(k for k in metrics if k != "accuracy")
+    for name in names:
+        log.info("Epoch[%d] Validation-%s=%f", epoch, name, metrics[name])
+    return metrics
+
+
+def save_model(module, hp: Hyperparameters, model_dir: Path, epoch: int, infer_args: set[str]) -> str:
+    """The module's current weights as `epoch`'s params file, the inference symbol and model-shapes.json, in the
+    built-in's layout; the params file's name."""
+    name = params_file(epoch)
+    save_params(module, model_dir / name, infer_args)
+    inference_network(hp).save(str(model_dir / f"{MODEL_PREFIX}-symbol.json"))
+    shapes = [{"name": "data", "shape": [hp.mini_batch_size, *hp.image_shape]}]
+    (model_dir / "model-shapes.json").write_text(json.dumps(shapes))
+    return name
 
 
 def params_file(epoch: int) -> str:
