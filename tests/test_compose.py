@@ -341,11 +341,11 @@ def test_dockerfile_builds_both_environments_as_the_makefile_does():
 def test_the_image_holds_every_file_the_code_finds_beside_its_source():
     """The code finds the trainer, the server and the hyperparameter spec relative to its own source tree (editable
     install): in the image that tree must sit at SRC with algo/ beside include/."""
-    from tagflow import sagemaker_config
+    from tagflow import local, sagemaker_config
     from tagflow.local import endpoint, runner
 
     for path in (Path(runner.__file__), runner.TRAINER, endpoint.SERVER, sagemaker_config.HYPERPARAMS_SPEC):
-        assert image_path_in_repo(f"{SRC}/{path.relative_to(runner.REPO)}") == path
+        assert image_path_in_repo(f"{SRC}/{path.relative_to(local.REPO)}") == path
 
 
 def test_paths_the_services_name_inside_the_image_exist(services):

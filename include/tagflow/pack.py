@@ -52,12 +52,12 @@ from PIL import Image, ImageOps
 
 from tagflow.download import ensure_folder, open_header
 from tagflow.errors import InputError, TagflowError, os_failure, quote
+from tagflow.local import mxnet_python, usable_cores
 from tagflow.recordio import RecordWriter, read_index
 from tagflow.shards import side_of_key
 
 log = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parents[2]
 ENCODER_VERSION = 3  # bump when the native engine's output bytes change for the same input
 # After DCT scaling the remaining shrink is usually small (under 3:2 for sources up to 384 px). There a
 # bilinear warp from the exact, fractional crop box (cv2.warpAffine) beats Pillow's antialiased bilinear on PSNR and
@@ -423,10 +423,6 @@ def _commit(out_dir: Path, writers: Iterable[RecordWriter]) -> None:
         writer.commit()
 
 
-def default_workers() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 def pack(
     items: Iterable[PackItem],
     out_dir: Path,
@@ -454,7 +450,7 @@ def pack(
     prepared, width = _prepare(items)
     side_of = _sides_of(prepared, params.train_ratio, sides)
     out_dir = ensure_folder(Path(out_dir), "pack output folder")
-    workers = max(1, workers or default_workers())
+    workers = max(1, workers or usable_cores())
     report = PackReport(out_dir, "native", params, label_counts={s: [0] * width for s in SPLITS})
     sums = {s: np.zeros(width, dtype=np.int64) for s in SPLITS}
     paths = [str(path) for _, _, path in prepared]
@@ -508,11 +504,6 @@ def pack(
 # --- the MXNet im2rec engine -----------------------------------------------------------------------------------
 
 
-def mxnet_python() -> Path:
-    """The algorithm environment's interpreter: $TAGFLOW_MXNET_PYTHON, else <repo>/.venv-mxnet/bin/python."""
-    return Path(os.environ.get("TAGFLOW_MXNET_PYTHON") or REPO / ".venv-mxnet" / "bin" / "python")
-
-
 def im2rec_script(python: Path) -> Path:
     """MXNet's tools/im2rec.py inside the environment of `python`."""
     found = sorted(python.parent.parent.glob("lib/python3*/site-packages/mxnet/tools/im2rec.py"))
@@ -554,7 +545,7 @@ def pack_with_im2rec(
     if not python.exists():
         raise TagflowError(f"{python} not found: the algorithm environment is needed for --engine mxnet")
     script = im2rec_script(python)
-    threads = max(2, workers or default_workers())
+    threads = max(2, workers or usable_cores())
     work = out_dir / ".im2rec"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir()

@@ -26,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import multiprocessing
-import os
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass
@@ -39,6 +38,7 @@ import numpy as np
 from tagflow import s3
 from tagflow.demo.render import LABEL_NAMES, NUM_LABELS, render_design
 from tagflow.errors import InputError
+from tagflow.local import usable_cores
 
 if TYPE_CHECKING:
     from tagflow.s3 import S3Client
@@ -89,10 +89,6 @@ def _render_chunk(args: tuple[int, int, int, bool]) -> list[Design]:
     return [_render_item(i, seed, exotic) for i in range(start, stop)]
 
 
-def default_workers() -> int:
-    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
-
-
 def generate(
     n: int, *, seed: int = 0, workers: int | None = None, start_id: int = 0, exotic: bool = False
 ) -> Iterator[Design]:
@@ -103,7 +99,7 @@ def generate(
     """
     if n < 1 or start_id < 0:
         raise InputError(f"demo data needs at least one image and a start ID >= 0, got n={n}, start_id={start_id}")
-    workers = default_workers() if workers is None else max(1, workers)
+    workers = usable_cores() if workers is None else max(1, workers)
     chunk = 32
     tasks = [(i, min(i + chunk, start_id + n), seed, exotic) for i in range(start_id, start_id + n, chunk)]
     return _run(tasks, workers)

@@ -16,6 +16,16 @@ REPO = Path(__file__).resolve().parents[3]
 PRIVATE_UMASK = 0o077
 
 
+def mxnet_python() -> Path:
+    """The algorithm environment's interpreter: $TAGFLOW_MXNET_PYTHON, else <repo>/.venv-mxnet/bin/python."""
+    return Path(os.environ.get("TAGFLOW_MXNET_PYTHON") or REPO / ".venv-mxnet" / "bin" / "python")
+
+
+def usable_cores() -> int:
+    """The CPUs this process may run on (its affinity, which a container or taskset narrows), at least 1."""
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
 def home() -> Path:
     """Where local state lives (S3 data, endpoints, Airflow's home): $TAGFLOW_HOME, else the repository's .tagflow,
     wherever the command runs from."""

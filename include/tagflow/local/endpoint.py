@@ -362,7 +362,7 @@ def start(
     `workers` executors run forwards in parallel, each with cores / workers OpenMP threads (unless OMP_NUM_THREADS
     is set): on a small CPU, 1 gives the lowest single-request latency, the core count the most requests/s.
     """
-    from tagflow.pack import mxnet_python as default_python
+    from tagflow.local import mxnet_python as default_python
 
     check_endpoint_name(name, "endpoint name")
     state_dir = (state_dir or default_state_dir(name)).resolve()
@@ -399,7 +399,7 @@ def start(
         env = {k: v for k, v in os.environ.items() if k != TOKEN_ENV}
         env[TOKEN_ENV] = token
         if workers > 1:
-            env.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // workers)))
+            env.setdefault("OMP_NUM_THREADS", str(max(1, local.usable_cores() // workers)))
         log_file = state_dir / "endpoint.log"
         with log_file.open("ab") as log_fh:
             log_start = log_fh.tell()  # the log grows across starts: errors quote this start's part only

@@ -44,7 +44,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from tagflow import s3
+from tagflow import local, s3
 from tagflow.errors import InputError
 from tagflow.local import process
 from tagflow.sagemaker_config import CHANNELS, LOCAL_METRIC_DEFINITIONS, METRIC_DEFINITIONS, RECORDIO
@@ -56,8 +56,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parents[3]
-TRAINER = REPO / "algo" / "ic_train.py"
+TRAINER = local.REPO / "algo" / "ic_train.py"
 STOP_GRACE_S = 20.0
 POLL_S = 0.2  # how often the runner looks at the stop event and the deadline
 FAILURE_REASON_MAX = 1024  # DescribeTrainingJob.FailureReason's length limit
@@ -76,13 +75,6 @@ PROGRESS = re.compile(
     r"Stop requested|ClientError|AlgorithmError|^training |the saved model will be"
 )
 _LOG_PREFIX = re.compile(r"^\[[^\]]*\] ")  # the trainer's "[date time LEVEL thread] "
-
-
-def default_mxnet_python() -> Path:
-    """$TAGFLOW_MXNET_PYTHON, else <repo>/.venv-mxnet/bin/python (the one rule, kept in tagflow.pack)."""
-    from tagflow.pack import mxnet_python
-
-    return mxnet_python()
 
 
 # --- request validation ----------------------------------------------------------------------------------------
@@ -324,7 +316,7 @@ def run_training_job(
     created = datetime.now(UTC)
     max_runtime = int((request.get("StoppingCondition") or {}).get("MaxRuntimeInSeconds", DEFAULT_MAX_RUNTIME_S))
     deadline = time.monotonic() + max_runtime
-    python = Path(mxnet_python or default_mxnet_python())
+    python = Path(mxnet_python or local.mxnet_python())
     client = client or s3.make_client()
     output = s3.S3Uri.parse(request["OutputDataConfig"]["S3OutputPath"]).join(name, "output")
 
