@@ -6,7 +6,8 @@
 `--model-dir` is an extracted model.tar.gz in the built-in's layout (as ic_serve.py loads it):
 `image-classification-symbol.json`, the params file metrics.json names as `params_file` (else the highest-numbered
 `image-classification-NNNN.params`), `model-shapes.json` and, from the local trainer, `metrics.json`.
-`--label-frequency` is a JSON list: each label's frequency in the training split (the label-frequency baseline).
+`--label-frequency` is a JSON list: each label's frequency in the training split (the caller's label-frequency
+baseline); checked here against the model's outputs, so a mismatch fails before any image is decoded.
 
 The images reach the net exactly as the trainer's validation iterator feeds them (ic_train.make_iters): an
 `ImageRecordIter` over the .rec in file order with the model's data shape, its `resize` hyperparameter when the
@@ -14,9 +15,11 @@ trainer recorded one, no augmentation; the padding of the last batch is dropped.
 keys in offset order, which is the file order).
 
 Writes to `--out`: `model.json` (outputs, params file, image shape, label names if metrics.json has them) first,
-then `scores.npy` (images, labels) float32, `labels.npy` uint8, `ids.npy` int64 and `metrics.json`
-(ic_metrics.evaluation). Exit status 2 with `ClientError: ...` on stderr when the model and the records do not fit
-together (a different number of labels: model.json is written, so the caller can say both), 1 for other failures.
+then `scores.npy` (images, labels) float32, `labels.npy` uint8, `ids.npy` int64 and `timing.json` (images, seconds of
+the scoring alone). The metrics are the caller's: tagflow.evaluate computes them from these scores with ic_metrics
+(computing them here as well cost 4 s CPU on the seed's 15,500 x 334 split, and nobody read them).
+Exit status 2 with `ClientError: ...` on stderr when the model and the records do not fit together (a different
+number of labels: model.json is written, so the caller can say both), 1 for other failures.
 """
 
 from __future__ import annotations
@@ -33,30 +36,15 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from ic_artifacts import MODEL_MEMBERS, MODEL_PREFIX, params_file
 from ic_data import DataError, scan
-from ic_metrics import evaluation
 from ic_parent import end_with_parent
 
 log = logging.getLogger("ic-eval")
 
-MODEL_PREFIX = "image-classification"
-
 
 class ClientError(Exception):
     """The model, the records or the arguments do not fit together; the message says how."""
-
-
-def params_file(model_dir: Path, metrics: dict) -> Path:
-    named = metrics.get("params_file")
-    if named:
-        path = model_dir / named
-        if not path.is_file():
-            raise ClientError(f"{model_dir / 'metrics.json'} names params_file {named!r}, which is missing")
-        return path
-    found = sorted(model_dir.glob(f"{MODEL_PREFIX}-[0-9][0-9][0-9][0-9].params"))
-    if not found:
-        raise ClientError(f"{model_dir}: no {MODEL_PREFIX}-NNNN.params file (is this an image-classification model?)")
-    return found[-1]
 
 
 def read_ids(idx: Path) -> np.ndarray:
@@ -78,7 +66,7 @@ class Scorer:
     def __init__(self, model_dir: Path, batch_size: int) -> None:
         import mxnet as mx
 
-        for member in (f"{MODEL_PREFIX}-symbol.json", "model-shapes.json"):
+        for member in MODEL_MEMBERS:
             if not (model_dir / member).is_file():
                 raise ClientError(f"{model_dir}: no {member}; expected an image-classification model.tar.gz")
         metrics_path = model_dir / "metrics.json"
@@ -90,7 +78,10 @@ class Scorer:
         self.image_shape = tuple(int(v) for v in data["shape"][1:])
         resize = (self.metrics.get("hyperparameters") or {}).get("resize")
         self.resize = int(resize) if resize else None
-        self.params_file = params_file(model_dir, self.metrics)
+        try:
+            self.params_file = params_file(model_dir, self.metrics)
+        except FileNotFoundError as err:
+            raise ClientError(f"{err} (is this an image-classification model?)") from None
         symbol = mx.sym.load(str(model_dir / f"{MODEL_PREFIX}-symbol.json"))
         loaded = mx.nd.load(str(self.params_file))
         args = {k[4:]: v for k, v in loaded.items() if k.startswith("arg:")}
@@ -172,8 +163,7 @@ def run(args: argparse.Namespace) -> None:
     np.save(out / "scores.npy", scores)
     np.save(out / "labels.npy", labels)
     np.save(out / "ids.npy", ids)
-    metrics = evaluation(scores, labels, frequency) | {"seconds": round(seconds, 3)}
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    (out / "timing.json").write_text(json.dumps({"images": len(scores), "seconds": round(seconds, 3)}))
 
 
 def main(argv: list[str] | None = None) -> int:
