@@ -316,13 +316,14 @@ def test_the_cli_verb_json_has_the_documented_keys(dataset, trained, s3_client, 
     assert cli.main(["evaluate", trained, "--dataset", dataset["uri"]]) == 0
     sentence = capsys.readouterr().out
     assert "mAP" in sentence and "label-frequency baseline" in sentence and "gate: deploy" in sentence
+    assert "leakage" not in sentence  # a clean split: nothing to say
 
     assert cli.main(["evaluate", trained, "--dataset", f"s3://{dataset['bucket']}/nothing-here"]) == 2
     assert "no published dataset here" in capsys.readouterr().err
 
 
 def test_the_evaluation_counts_planted_near_duplicates_and_a_clean_split_none(
-    dataset, leaky, trained, s3_client, mxnet_python
+    dataset, leaky, trained, s3_client, mxnet_python, capsys
 ):
     clean = evaluate(trained, dataset["uri"], client=s3_client, mxnet_python=mxnet_python)["leakage"]
     assert (clean["leaked"], clean["fraction"], clean["examples"]) == (0, 0.0, [])
@@ -353,3 +354,5 @@ def test_the_evaluation_counts_planted_near_duplicates_and_a_clean_split_none(
     assert line is not None and f"{planted} of {block['validation_images']} validation images" in line
     assert "split_group_regex" in line and "--group-regex" in line
     assert leakage_line({"leakage": clean}) is None
+    assert cli.main(["evaluate", trained, "--dataset", leaky["uri"]]) == 0
+    assert f"  {line}\n" in capsys.readouterr().out  # and `tagflow evaluate` prints it

@@ -19,6 +19,7 @@ from typing import Annotated, Any
 import typer
 
 from tagflow.errors import TagflowError, describe_os_error, os_error_exit_code
+from tagflow.layout import DatasetLayout
 
 app = typer.Typer(
     name="tagflow",
@@ -403,12 +404,11 @@ def _dataset_request(dataset: str, hyperparameters: dict[str, str], job_name: st
     from tagflow import sagemaker_config as smc
     from tagflow.names import check_dataset_uri, check_job_name
     from tagflow.pipeline import read_location
-    from tagflow.s3 import S3Uri
 
     check_dataset_uri(dataset, "--dataset")
     if job_name is not None:
         check_job_name(job_name, smc.TRAINING_NAME_MAX, "--job-name")
-    manifest = json.loads(read_location(str(S3Uri.parse(dataset).join("training", "manifest.json")))[0])
+    manifest = json.loads(read_location(str(DatasetLayout.of(dataset).manifest))[0])
     name = job_name or smc.training_job_name("tagflow", datetime.now(UTC).strftime("%Y%m%d-%H%M%S"))
     return smc.training_job_request(
         name,
@@ -734,12 +734,11 @@ def predict(
     from tagflow.local import endpoint
     from tagflow.names import check_dataset_uri
     from tagflow.pipeline import load_label_names, read_location
-    from tagflow.s3 import S3Uri
 
     if labels and dataset:
         raise InputError("give at most one of --labels and --dataset")
     if dataset:
-        labels = str(S3Uri.parse(check_dataset_uri(dataset, "--dataset")).join("training", "manifest.json"))
+        labels = str(DatasetLayout.of(check_dataset_uri(dataset, "--dataset")).manifest)
     info = endpoint.status(endpoint.default_state_dir(name))
     if info is None:
         raise TagflowError(f"no endpoint named {name!r} is running (tagflow serve start MODEL --name {name})")
@@ -829,6 +828,8 @@ def evaluate(
     if doc["champion"] is not None:
         lines.append(f"  champion {champion}: mAP {num(doc['champion'].get('mAP'))}")
     lines.append(f"  gate: {'deploy' if doc['gate']['deploy'] else 'refuse'} — {doc['gate']['reason']}")
+    if (leak := evaluation.leakage_line(doc)) is not None:
+        lines.append(f"  {leak}")
     if job is not None:
         lines.append(f"  written to {doc['evaluation_uri']}")
     _emit(as_json, doc, "\n".join(lines))
