@@ -20,6 +20,7 @@ from typing import Any
 
 from tagflow import s3
 from tagflow.errors import TagflowError
+from tagflow.layout import DatasetLayout
 from tagflow.sagemaker_config import job_name
 
 METRIC_TAG = "tagflow:objective-metric"
@@ -377,8 +378,8 @@ def smoke_image(dataset_uri: str, client=None) -> tuple[int, bytes]:
     from tagflow.recordio import RecordReader, unpack_payload  # numpy: not at import (the DAG file imports this)
 
     client = client or s3.make_client()
-    dataset = s3.S3Uri.parse(dataset_uri)
-    idx, rec = dataset.join("validation", "val.idx"), dataset.join("validation", "val.rec")
+    layout = DatasetLayout.of(dataset_uri)
+    idx, rec = layout.val_idx, layout.val_rec
     lines = client.get_object(Bucket=idx.bucket, Key=idx.key)["Body"].read().decode().split("\n")
     offsets = [int(line.split("\t")[1]) for line in lines[:2] if line.strip()]
     if not offsets:

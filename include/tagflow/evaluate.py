@@ -51,6 +51,7 @@ import numpy as np
 from tagflow import leakage, s3
 from tagflow.deploy import DEFAULT_LIFT, DEFAULT_THRESHOLD, DEFAULT_TOLERANCE, gate_by_evaluation
 from tagflow.errors import InputError, TagflowError, quote
+from tagflow.layout import DatasetLayout
 from tagflow.local import REPO, process
 from tagflow.names import check_dataset_uri
 
@@ -61,7 +62,6 @@ log = logging.getLogger(__name__)
 
 EVALUATOR = REPO / "algo" / "ic_eval.py"
 SCORES_FORMAT = 1  # bump when ic_eval's scores change meaning (preprocessing), so old cached scores are not reused
-CACHE_FOLDER = "evaluation-cache"
 DEFAULT_BATCH_SIZE = 64
 MAX_EXTRACTED_BYTES = 4 * 1024**3  # as the endpoint's limit (algo/ic_serve.py)
 REPORT_NAME = "report.html"
@@ -125,8 +125,8 @@ class Split:
         from botocore.exceptions import ClientError
 
         self.client, self.dataset, self.folder = client, dataset, folder
-        self.rec_uri, self.idx_uri = dataset.join("validation", "val.rec"), dataset.join("validation", "val.idx")
-        manifest_uri = dataset.join("training", "manifest.json")
+        layout = DatasetLayout.of(dataset)
+        self.rec_uri, self.idx_uri, manifest_uri = layout.val_rec, layout.val_idx, layout.manifest
         try:
             self.manifest = json.loads(
                 client.get_object(Bucket=manifest_uri.bucket, Key=manifest_uri.key)["Body"].read()
@@ -202,7 +202,8 @@ def run_evaluator(python: Path, args: list[str]) -> tuple[int, list[str]]:
 
 def cache_uri(dataset: s3.S3Uri, model_sha256: str, split_digest: str) -> s3.S3Uri:
     """Where a model's scores on one split are cached (module docstring)."""
-    return dataset.join(CACHE_FOLDER, f"{model_sha256[:32]}-{split_digest[:40]}-v{SCORES_FORMAT}.npz")
+    name = f"{model_sha256[:32]}-{split_digest[:40]}-v{SCORES_FORMAT}.npz"
+    return DatasetLayout.of(dataset).evaluation_cache.join(name)
 
 
 def put_scores(client: S3Client, uri: s3.S3Uri, info: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
@@ -235,7 +236,7 @@ def leakage_cache_uri(dataset: s3.S3Uri, train_digest: str, val_digest: str) -> 
     """Where the leakage check of one (train.rec, val.rec) pair is cached: beside the scores, keyed by both
     records' digests (a model's scores depend on val.rec only; the check on both)."""
     pair = hashlib.sha256(f"{train_digest}\n{val_digest}".encode()).hexdigest()
-    return dataset.join(CACHE_FOLDER, f"leakage-{pair[:40]}-{leakage.HASH}-v{LEAKAGE_FORMAT}.npz")
+    return DatasetLayout.of(dataset).evaluation_cache.join(f"leakage-{pair[:40]}-{leakage.HASH}-v{LEAKAGE_FORMAT}.npz")
 
 
 def split_leakage(
@@ -249,7 +250,8 @@ def split_leakage(
     The dataset's train.rec and val.rec are hashed and compared once per pair of digests: each validation image's
     nearest distance and training ID go to the evaluation cache (one PUT), so the candidate, the champion and every
     later run on the same data read them, for any max distance."""
-    train_rec, train_idx = split.dataset.join("training", "train.rec"), split.dataset.join("training", "train.idx")
+    layout = DatasetLayout.of(split.dataset)
+    train_rec, train_idx = layout.train_rec, layout.train_idx
     head = _head(client, train_rec, f"{split.dataset}: no training/train.rec beside the validation split")
     train_digest = _record_digest(head)
     cache = leakage_cache_uri(split.dataset, train_digest, split.digest)
@@ -484,8 +486,7 @@ def evaluation_uri(dataset_uri: str, job: str) -> s3.S3Uri:
     from tagflow.sagemaker_config import TRAINING_NAME_MAX
 
     check_job_name(job, TRAINING_NAME_MAX, "job")
-    return s3.S3Uri.parse(check_dataset_uri(dataset_uri, "--dataset")).join("output", job, "evaluation",
-                                                                             "evaluation.json")  # fmt: skip
+    return DatasetLayout.of(check_dataset_uri(dataset_uri, "--dataset")).evaluation(job)
 
 
 def report_uri(dataset_uri: str, job: str) -> s3.S3Uri:

@@ -12,6 +12,7 @@ from typing import Any
 
 from tagflow import s3
 from tagflow.errors import InputError, TagflowError
+from tagflow.layout import MODEL_TAIL, DatasetLayout
 from tagflow.pack import PackParams
 from tagflow.pipeline import DatasetSpec, read_location
 from tagflow.runconfig import RunConfig
@@ -62,7 +63,7 @@ def dataset_spec(cfg: RunConfig, *, pack_workers: int | None = None) -> DatasetS
 
 def read_manifest(dataset_uri: str, client=None) -> dict[str, Any]:
     """The packed dataset's manifest.json (written last by publish, so the .rec files it describes exist)."""
-    uri = str(s3.S3Uri.parse(dataset_uri).join("training", "manifest.json"))
+    uri = str(DatasetLayout.of(dataset_uri).manifest)
     data, name = read_location(uri, client)
     try:
         return json.loads(data)
@@ -201,7 +202,7 @@ def tuning_candidate(describe: Mapping[str, Any]) -> dict[str, Any]:
     return {
         "job": best["TrainingJobName"],
         "tuning_job": name,
-        "model_data_url": f"{output}/{best['TrainingJobName']}/output/model.tar.gz",
+        "model_data_url": str(s3.S3Uri.parse(output).join(best["TrainingJobName"], *MODEL_TAIL)),
         "metric": config["HyperParameterTuningJobObjective"]["MetricName"],  # what the trials were ranked by
         "value": objective.get("Value"),
         "hyperparameters": best.get("TunedHyperParameters", {}),
@@ -239,7 +240,7 @@ def evaluation_batch_size(manifest: Mapping[str, Any]) -> int:
 
 LINEAGE_FORMAT = 1
 LINEAGE_NAME = "lineage.json"
-MODEL_SUFFIX = "/output/model.tar.gz"  # the built-in's (and the local runner's) OUTPUT/JOB/output/model.tar.gz
+MODEL_SUFFIX = "/" + "/".join(MODEL_TAIL)  # the built-in's (and the local runner's) OUTPUT/JOB/output/model.tar.gz
 RETRAIN_RUN_TYPES = ("scheduled", "backfill")  # the runs that stop when nothing changed; manual runs always train
 
 
@@ -252,16 +253,15 @@ def dataset_digest(dataset_uri: str, manifest: Mapping[str, Any], client=None) -
     recorded on each object, else its ETag) and the label names (the manifest's). Any image, label, resize or split
     change changes a record file, so it changes the digest; re-publishing the same data does not."""
     client = client or s3.make_client()
-    dataset = s3.S3Uri.parse(dataset_uri)
+    layout = DatasetLayout.of(dataset_uri)
     records: dict[str, str] = {}
-    for split, folder in (("train", "training"), ("val", "validation")):
-        uri = dataset.join(folder, f"{split}.rec")
+    for split, uri in (("train", layout.train_rec), ("val", layout.val_rec)):
         head = client.head_object(Bucket=uri.bucket, Key=uri.key)
         etag = head["ETag"].strip('"')
         records[split] = head.get("Metadata", {}).get(s3.SHA256_METADATA_KEY) or f"etag-{etag}"
     names = list(manifest.get("label_names") or [])
     return {
-        "uri": str(dataset),
+        "uri": str(s3.S3Uri.parse(dataset_uri)),
         "digest": _digest({"records": records, "label_names": names}),
         "records": records,
         "num_labels": manifest.get("num_labels"),

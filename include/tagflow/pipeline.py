@@ -44,6 +44,7 @@ from typing import Any
 
 from tagflow import manifest, s3
 from tagflow.errors import InputError, check_bad_fraction, describe_os_error, quote
+from tagflow.layout import FILES, DatasetLayout
 from tagflow.listfile import (
     ListFile,
     concat_lists,
@@ -73,7 +74,6 @@ from tagflow.shards import (
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val")
-SPLIT_FOLDER = {"train": "training", "val": "validation"}
 REPORT_MEMBER = "_tagflow/download.json"
 PACK_MEMBER = "pack.json"
 STAGE_FORMAT = 2  # bump when a staged bundle's contents change meaning, so old bundles are not reused
@@ -114,9 +114,7 @@ class DatasetSpec:
 
     @property
     def staging(self) -> s3.S3Uri:
-        return (
-            s3.S3Uri.parse(self.staging_uri) if self.staging_uri else s3.S3Uri.parse(self.dataset_uri).join("staging")
-        )
+        return s3.S3Uri.parse(self.staging_uri) if self.staging_uri else DatasetLayout.of(self.dataset_uri).staging
 
     @property
     def source(self) -> s3.S3Uri | None:
@@ -521,13 +519,7 @@ def publish(spec: DatasetSpec, ref: PlanRef, client=None, *, code_revision: str 
 
 def upload_dataset(client, out_dir: Path, dataset: s3.S3Uri) -> dict[str, str]:
     """Upload a packed folder to the seed's layout; unchanged objects are not rewritten; manifest last."""
-    layout = {
-        "train.rec": dataset.join("training", "train.rec"),
-        "train.idx": dataset.join("training", "train.idx"),
-        "val.rec": dataset.join("validation", "val.rec"),
-        "val.idx": dataset.join("validation", "val.idx"),
-        "manifest.json": dataset.join("training", "manifest.json"),
-    }
+    layout = {name: DatasetLayout.of(dataset).file(name) for name in FILES}  # manifest.json last
     missing = [name for name in layout if not (out_dir / name).exists()]
     if missing:
         raise InputError(f"{out_dir}: missing {', '.join(missing)} (expected the output of `tagflow pack`)")

@@ -19,6 +19,7 @@ from typing import Any
 
 from tagflow import names
 from tagflow.errors import InputError
+from tagflow.layout import DatasetLayout
 from tagflow.local import REPO
 from tagflow.s3 import S3Uri
 
@@ -325,12 +326,8 @@ def dataset_channels(dataset_uri: str) -> dict[str, str]:
     Each channel names its .rec object itself (an S3 prefix matching one key), so the .idx and manifest.json
     beside it are not handed to the algorithm as training data.
     """
-    dataset = S3Uri.parse(dataset_uri)
-    return {
-        "train_uri": str(dataset.join("training", "train.rec")),
-        "validation_uri": str(dataset.join("validation", "val.rec")),
-        "output_uri": str(dataset.join("output")),
-    }
+    layout = DatasetLayout.of(dataset_uri)
+    return {"train_uri": str(layout.train_rec), "validation_uri": str(layout.val_rec), "output_uri": str(layout.output)}
 
 
 def dataset_hyperparameters(manifest: Mapping[str, Any]) -> dict[str, Any]:

@@ -28,12 +28,10 @@ from typing import TYPE_CHECKING, Any
 
 from tagflow import s3
 from tagflow.errors import InputError, quote
+from tagflow.layout import EVALUATION_TAIL, MODEL_TAIL
 
 if TYPE_CHECKING:
     from tagflow.s3 import S3Client
-
-MODEL_TAIL = ("output", "model.tar.gz")
-EVALUATION_TAIL = ("evaluation", "evaluation.json")
 
 
 class NoEvaluation(InputError):

@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from tagflow import local, s3
 from tagflow.errors import InputError
+from tagflow.layout import MODEL_TAIL
 from tagflow.local import process
 from tagflow.sagemaker_config import CHANNELS, LOCAL_METRIC_DEFINITIONS, METRIC_DEFINITIONS, RECORDIO
 
@@ -318,7 +319,7 @@ def run_training_job(
     deadline = time.monotonic() + max_runtime
     python = Path(mxnet_python or local.mxnet_python())
     client = client or s3.make_client()
-    output = s3.S3Uri.parse(request["OutputDataConfig"]["S3OutputPath"]).join(name, "output")
+    output = s3.S3Uri.parse(request["OutputDataConfig"]["S3OutputPath"]).join(name, MODEL_TAIL[0])
 
     job_dir = Path(workdir) / name
     status, secondary, reason = "Completed", "Completed", None
@@ -404,7 +405,7 @@ def _upload(client: S3Client, job_dir: Path, output: s3.S3Uri) -> s3.S3Uri | Non
     model_dir = job_dir / "model"
     if not any(p.is_file() and not p.name.startswith(".") for p in model_dir.rglob("*")):
         return None
-    model_uri = output.join("model.tar.gz")
+    model_uri = output.join(MODEL_TAIL[1])
     archive = job_dir / "model.tar.gz"
     _tar(model_dir, archive)
     client.upload_file(str(archive), model_uri.bucket, model_uri.key)
