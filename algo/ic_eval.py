@@ -15,9 +15,9 @@ trainer recorded one, no augmentation; the padding of the last batch is dropped.
 keys in offset order, which is the file order).
 
 Writes to `--out`: `model.json` (outputs, params file, image shape, label names if metrics.json has them) first,
-then `scores.npy` (images, labels) float32, `labels.npy` uint8, `ids.npy` int64 and `timing.json` (images, seconds of
-the scoring alone). The metrics are the caller's: tagflow.evaluate computes them from these scores with ic_metrics
-(computing them here as well cost 4 s CPU on the seed's 15,500 x 334 split, and nobody read them).
+then `scores.npy` (images, labels) float32, `labels.npy` uint8, `ids.npy` int64 and `timing.json` (images, wall
+and CPU seconds of the scoring alone). The metrics are the caller's: tagflow.evaluate computes them from these
+scores with ic_metrics (computing them here as well cost 4 s CPU on the seed's 15,500 x 334 split, unread).
 Exit status 2 with `ClientError: ...` on stderr when the model and the records do not fit together (a different
 number of labels: model.json is written, so the caller can say both), 1 for other failures.
 """
@@ -105,8 +105,8 @@ class Scorer:
             "multi_label": self.metrics.get("multi_label"),
         }
 
-    def score(self, rec: Path, threads: int) -> tuple[np.ndarray, np.ndarray]:
-        """(scores, labels) of every record of `rec`, in file order, through the trainer's validation iterator."""
+    def batches(self, rec: Path, threads: int):
+        """The trainer's validation iterator over `rec`: batches in file order, the last one padded (`batch.pad`)."""
         import mxnet as mx
 
         common: dict[str, object] = {
@@ -118,12 +118,20 @@ class Scorer:
         }
         if self.resize:
             common["resize"] = self.resize
+        return mx.io.ImageRecordIter(path_imgrec=str(rec), shuffle=False, **common)
+
+    def forward(self, data) -> np.ndarray:
+        """The model's outputs for one batch of pixels (an NDArray of the bound shape)."""
+        self.executor.arg_dict["data"][:] = data
+        self.executor.forward(is_train=False)
+        return self.executor.outputs[0].asnumpy()
+
+    def score(self, rec: Path, threads: int) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, labels) of every record of `rec`, in file order, through the trainer's validation iterator."""
         scores, labels = [], []
-        for batch in mx.io.ImageRecordIter(path_imgrec=str(rec), shuffle=False, **common):
-            self.executor.arg_dict["data"][:] = batch.data[0]
-            self.executor.forward(is_train=False)
+        for batch in self.batches(rec, threads):
             keep = batch.data[0].shape[0] - (batch.pad or 0)
-            scores.append(self.executor.outputs[0].asnumpy()[:keep])
+            scores.append(self.forward(batch.data[0])[:keep])
             labels.append(batch.label[0].asnumpy()[:keep])
         return np.concatenate(scores).astype(np.float32), np.concatenate(labels).astype(np.uint8)
 
@@ -153,17 +161,18 @@ def run(args: argparse.Namespace) -> None:
         raise ClientError(f"{args.label_frequency}: not a readable JSON list of label frequencies ({err})") from None
     if frequency.shape != (scorer.num_outputs,):
         raise ClientError(f"{args.label_frequency}: {frequency.size} frequencies for {scorer.num_outputs} labels")
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     threads = max(1, min(4, len(os.sched_getaffinity(0))))
     scores, labels = scorer.score(args.rec, threads)
-    seconds = time.perf_counter() - started
+    seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
     if len(scores) != channel.count or not np.array_equal(labels, channel.labels > 0.5):
         raise RuntimeError(f"the record iterator read {len(scores)} records of {channel.count}, or other labels")
     log.info("scored %d images in %.1f s (%.1f images/s)", len(scores), seconds, len(scores) / max(seconds, 1e-9))
     np.save(out / "scores.npy", scores)
     np.save(out / "labels.npy", labels)
     np.save(out / "ids.npy", ids)
-    (out / "timing.json").write_text(json.dumps({"images": len(scores), "seconds": round(seconds, 3)}))
+    timing = {"images": len(scores), "seconds": round(seconds, 3), "cpu_seconds": round(cpu, 3)}
+    (out / "timing.json").write_text(json.dumps(timing))
 
 
 def main(argv: list[str] | None = None) -> int:
