@@ -12,9 +12,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from typing import Any
 
 import pytest
@@ -23,7 +21,7 @@ from airflow_procs import Components
 from tagflow import demo, deploy, s3
 from tagflow.dag_id import DAG_ID
 from tagflow.local import airflow as local_airflow
-from tagflow.local import endpoint, process
+from tagflow.local import endpoint, process, stack
 from test_dag import ENDPOINT_TOKEN, _facts, _succeeded, airflow_env, local_endpoint  # noqa: F401 (fixtures)
 
 APPROVAL = "approve_deploy"
@@ -85,25 +83,16 @@ def test_an_answer_nobody_gave_is_a_timeout_and_counts_as_rejected():
 
 
 class Api:
-    """Airflow's REST API on a real api-server, as SimpleAuthManager's admin."""
+    """Airflow's REST API on a real api-server, as SimpleAuthManager's admin (requests by make up's helper)."""
 
     def __init__(self, url: str, password: str):
         self.url = url
-        code, body = self.request("POST", "/auth/token", {"username": "admin", "password": password}, auth=False)
+        code, body = stack._request("POST", f"{url}/auth/token", body={"username": "admin", "password": password})
         assert code == 201, body
         self.token = body["access_token"]
 
-    def request(self, method: str, path: str, body: dict | None = None, *, auth: bool = True) -> tuple[int, Any]:
-        headers = {"Content-Type": "application/json", "Accept": "application/json"}
-        if auth:
-            headers["Authorization"] = f"Bearer {self.token}"
-        data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(self.url + path, data=data, method=method, headers=headers)
-        try:
-            with urllib.request.urlopen(req, timeout=30) as resp:
-                return resp.status, json.loads(resp.read())
-        except urllib.error.HTTPError as err:
-            return err.code, err.read().decode(errors="replace")
+    def request(self, method: str, path: str, body: dict | None = None) -> tuple[int, Any]:
+        return stack._request(method, self.url + path, body=body, token=self.token, timeout=30)
 
     def waiting(self) -> dict | None:
         """The approval request a run's approve_deploy is parked on, if any."""
@@ -128,10 +117,11 @@ def _wait_for_api(components: Components, url: str, deadline_s: float = 180) -> 
     while time.monotonic() < deadline:
         components.check_alive()
         try:
-            with urllib.request.urlopen(f"{url}/api/v2/monitor/health", timeout=5):
+            if stack._request("GET", f"{url}/api/v2/monitor/health")[0] == 200:
                 return
-        except OSError:
-            time.sleep(1)
+        except OSError:  # not listening yet
+            pass
+        time.sleep(1)
     pytest.fail(f"the api-server at {url} did not answer within {deadline_s:.0f}s:\n{components.tail('api-server')}")
 
 
