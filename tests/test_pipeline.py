@@ -96,11 +96,11 @@ def test_grown_list_downloads_and_packs_only_new_shards(s3_client, bucket):
     spec2 = _spec(more, bucket, list_uri=f"s3://{bucket}/raw/lists/all.lst")
     ref1 = pipeline.prepare(spec1, s3_client)
     ref2 = pipeline.prepare(spec2, s3_client)
-    old = {s["digest"] for s in json.loads(pipeline.read_location(ref1.plan_uri, s3_client)[0])["plan"]["shards"]}
+    old = {s["digest"] for s in json.loads(s3.read_location(ref1.plan_uri, s3_client)[0])["plan"]["shards"]}
     downloads = [pipeline.download_shard(spec2, ref2, i, s3_client) for i in range(ref2.num_shards)]
     fresh = [d for d in downloads if not d["reused"]]
     assert 1 <= len(fresh) < ref2.num_shards
-    plan2 = json.loads(pipeline.read_location(ref2.plan_uri, s3_client)[0])["plan"]["shards"]
+    plan2 = json.loads(s3.read_location(ref2.plan_uri, s3_client)[0])["plan"]["shards"]
     assert {plan2[d["index"]]["digest"] for d in fresh}.isdisjoint(old)
     packs = [pipeline.pack_shard(spec2, ref2, i, s3_client) for i in range(ref2.num_shards)]
     assert [p["index"] for p in packs if not p["reused"]] == [d["index"] for d in fresh]
@@ -144,7 +144,7 @@ def test_shard_tasks_read_their_slice_and_list_nothing(s3_client, bucket, design
     assert not result["reused"]
     assert "ListObjectsV2" not in calls and "HeadObject" in calls  # HEAD: is the bundle already staged?
     fetched = [c for c in calls if c == "GetObject"]
-    plan = json.loads(pipeline.read_location(ref.plan_uri, s3_client)[0])["plan"]["shards"][1]
+    plan = json.loads(s3.read_location(ref.plan_uri, s3_client)[0])["plan"]["shards"][1]
     assert len(fetched) == 3 + (plan["stop"] - plan["start"])  # plan.json, shard .lst and .json, then its images
 
 

@@ -46,6 +46,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from tagflow.errors import InputError, ListFileError, quote
+from tagflow.s3 import read_location
 
 log = logging.getLogger(__name__)
 
@@ -763,3 +764,17 @@ def write_list(lf: ListFile, path: Path, *, paths: list[str] | None = None) -> N
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def load_label_names(location: str | None, num_labels: int, client=None) -> list[str]:
+    """Label names from a file or `s3://` object (one per line, column order); numbered names when None."""
+    if not location:
+        return default_label_names(num_labels)
+    data, name = read_location(location, client)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "labels.txt"
+        path.write_bytes(data)
+        try:
+            return read_label_names(path, num_labels)
+        except InputError as err:
+            raise type(err)(str(err).replace(str(path), name)) from None

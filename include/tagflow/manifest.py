@@ -26,7 +26,7 @@ from tagflow.shards import SPLIT_BY_ID
 
 if TYPE_CHECKING:
     from tagflow.listfile import ListFile
-    from tagflow.pack import PackParams
+    from tagflow.packparams import PackParams
 
 FORMAT_VERSION = 1
 

@@ -43,19 +43,18 @@ from pathlib import Path
 from typing import Any
 
 from tagflow import manifest, s3
-from tagflow.errors import InputError, check_bad_fraction, describe_os_error, quote
+from tagflow.errors import InputError, check_bad_fraction
 from tagflow.layout import FILES, DatasetLayout
 from tagflow.listfile import (
     ListFile,
     concat_lists,
-    default_label_names,
     list_warnings,
+    load_label_names,
     parse_list,
-    read_label_names,
     write_list,
 )
 from tagflow.names import check_dataset_uri
-from tagflow.pack import PackParams, pack
+from tagflow.packparams import PackParams
 from tagflow.paths import local_path, source_uri
 from tagflow.recordio import merge_records
 from tagflow.shards import (
@@ -146,38 +145,6 @@ def _digest(*parts: str) -> str:
     return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:20]
 
 
-def read_location(location: str, client=None) -> tuple[bytes, str]:
-    """The bytes of a local file or an `s3://` object, and the name to use in messages."""
-    if location.startswith("s3://"):
-        uri = s3.S3Uri.parse(location)
-        client = client or s3.make_client()
-        try:
-            return client.get_object(Bucket=uri.bucket, Key=uri.key)["Body"].read(), location
-        except client.exceptions.NoSuchKey:
-            raise InputError(f"{location}: no such object") from None
-    path = Path(location)
-    if path.is_dir():
-        raise InputError(f"{quote(location)} is a folder; expected a file")
-    try:
-        return path.read_bytes(), location
-    except OSError as err:
-        raise InputError(f"cannot read {describe_os_error(err)}") from None
-
-
-def load_label_names(location: str | None, num_labels: int, client=None) -> list[str]:
-    """Label names from a file or `s3://` object (one per line, column order); numbered names when None."""
-    if not location:
-        return default_label_names(num_labels)
-    data, name = read_location(location, client)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "labels.txt"
-        path.write_bytes(data)
-        try:
-            return read_label_names(path, num_labels)
-        except InputError as err:
-            raise type(err)(str(err).replace(str(path), name)) from None
-
-
 def _put_bytes(client, uri: s3.S3Uri, data: bytes) -> None:
     client.put_object(
         Bucket=uri.bucket,
@@ -195,7 +162,7 @@ def load_groups(location: str | None, client=None) -> GroupFile | None:
     """A group file (local or `s3://`, ID<TAB>GROUP lines), parsed; None without one."""
     if location is None:
         return None
-    data, name = read_location(location, client)
+    data, name = s3.read_location(location, client)
     return parse_group_file(data, name)
 
 
@@ -288,7 +255,7 @@ def read_list(spec: DatasetSpec, client=None, *, groups: GroupFile | None = None
     """
     client = client or s3.make_client()
     if not spec.list_uri.endswith("/"):
-        raw, name = read_location(spec.list_uri, client)
+        raw, name = s3.read_location(spec.list_uri, client)
         return parse_list(raw, spec.num_labels, name=name)
     until = datetime.fromisoformat(spec.list_until) if spec.list_until else None
     partitions = list_partitions(client, s3.S3Uri.parse(spec.list_uri), until)
@@ -297,7 +264,7 @@ def read_list(spec: DatasetSpec, client=None, *, groups: GroupFile | None = None
         raise InputError(f"{spec.list_uri}: no dt=YYYY-MM-DD/*.lst partition{when}")
     parts = []
     for _, uri in partitions:
-        raw, name = read_location(str(uri), client)
+        raw, name = s3.read_location(str(uri), client)
         parts.append(parse_list(raw, spec.num_labels, name=name))
         if spec.split_group_regex is not None or groups is not None:
             group_keys(parts[-1], regex=spec.split_group_regex, groups=groups)
@@ -324,22 +291,22 @@ def _source_objects(client, listfile: ListFile, source: s3.S3Uri | None) -> dict
 
 def _load_plan(client, ref: PlanRef, spec: DatasetSpec) -> tuple[ListFile, ShardPlan, dict[str, Any]]:
     """The staged list (sorted by ID), its shard plan, and the plan document."""
-    doc = json.loads(read_location(ref.plan_uri, client)[0])
-    raw, _ = read_location(ref.list_uri, client)
+    doc = json.loads(s3.read_location(ref.plan_uri, client)[0])
+    raw, _ = s3.read_location(ref.list_uri, client)
     listfile = parse_list(raw, spec.num_labels, name=ref.list_uri)
     return listfile, ShardPlan.from_dict(doc["plan"]), doc
 
 
 def _load_shard(client, ref: PlanRef, spec: DatasetSpec, index: int) -> tuple[ListFile, Shard, dict[str, tuple]]:
     """One shard's rows of the list, its plan entry, and its sources' (size, ETag) — without the whole list."""
-    doc = json.loads(read_location(ref.plan_uri, client)[0])
+    doc = json.loads(s3.read_location(ref.plan_uri, client)[0])
     shards = ShardPlan.from_dict(doc["plan"]).shards
     if not 0 <= index < len(shards):
         raise InputError(f"{ref.plan_uri}: no shard {index} (the plan has {len(shards)})")
     base = s3.S3Uri.parse(ref.plan_uri.rsplit("/", 1)[0])
-    raw, name = read_location(str(_shard_uri(base, index, "lst")), client)
+    raw, name = s3.read_location(str(_shard_uri(base, index, "lst")), client)
     rows = parse_list(raw, spec.num_labels, name=name)
-    objects = json.loads(read_location(str(_shard_uri(base, index, "json")), client)[0])
+    objects = json.loads(s3.read_location(str(_shard_uri(base, index, "json")), client)[0])
     return rows, shards[index], {path: (int(size), etag) for path, (size, etag) in objects.items()}
 
 
@@ -393,6 +360,8 @@ def download_shard(spec: DatasetSpec, ref: PlanRef, index: int, client=None) -> 
 
 def pack_shard(spec: DatasetSpec, ref: PlanRef, index: int, client=None) -> dict[str, Any]:
     """Pack one staged shard into train/val RecordIO parts and stage them as one tar; reuse if already staged."""
+    from tagflow.pack import pack  # the image stack (OpenCV, simplejpeg, Pillow): only where images are packed
+
     client = client or s3.make_client()
     rows_file, shard, _ = _load_shard(client, ref, spec, index)
     sides = _load_sides(client, ref, index, len(rows_file)) if spec.grouped else None
@@ -430,7 +399,7 @@ def pack_shard(spec: DatasetSpec, ref: PlanRef, index: int, client=None) -> dict
 def _load_sides(client, ref: PlanRef, index: int, rows: int) -> str:
     """A shard's staged sides under a grouped split, one `t`/`v` per row of the shard."""
     base = s3.S3Uri.parse(ref.plan_uri.rsplit("/", 1)[0])
-    raw, name = read_location(str(_shard_uri(base, index, "sides")), client)
+    raw, name = s3.read_location(str(_shard_uri(base, index, "sides")), client)
     sides = raw.decode("ascii", "replace")
     if len(sides) != rows or set(sides) - {"t", "v"}:
         raise InputError(f"{name}: expected {rows} characters t or v (one per row of shard {index})")

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tagflow.errors import InputError, quote
+from tagflow.errors import InputError, describe_os_error, quote
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -172,3 +172,21 @@ def list_objects(client: S3Client, uri: S3Uri) -> dict[str, tuple[int, str]]:
         for obj in page.get("Contents", []):
             found[obj["Key"]] = (obj["Size"], obj["ETag"].strip('"'))
     return found
+
+
+def read_location(location: str, client=None) -> tuple[bytes, str]:
+    """The bytes of a local file or an `s3://` object, and the name to use in messages."""
+    if location.startswith("s3://"):
+        uri = S3Uri.parse(location)
+        client = client or make_client()
+        try:
+            return client.get_object(Bucket=uri.bucket, Key=uri.key)["Body"].read(), location
+        except client.exceptions.NoSuchKey:
+            raise InputError(f"{location}: no such object") from None
+    path = Path(location)
+    if path.is_dir():
+        raise InputError(f"{quote(location)} is a folder; expected a file")
+    try:
+        return path.read_bytes(), location
+    except OSError as err:
+        raise InputError(f"cannot read {describe_os_error(err)}") from None
