@@ -30,6 +30,16 @@ def dataset(s3_server, s3_client):
     return f"s3://{bucket}/ds", summary
 
 
+def test_a_batch_larger_than_a_split_is_refused_before_the_job_starts(dataset, tmp_path):
+    """The CLI builds its request as the DAG does, batch-size check included (it once skipped it)."""
+    uri, summary = dataset
+    val = summary["counts"]["val"]
+    done = tagflow("train", "--dataset", uri, "--hp", f"mini_batch_size={val + 1}", "--workdir", str(tmp_path))
+    assert done.returncode == 2, done.stderr
+    assert f"mini_batch_size: {val + 1} is more than the {val} val images of {uri}" in done.stderr
+    assert not any(tmp_path.iterdir())  # no job folder: refused before it started
+
+
 def test_train_reads_counts_from_the_manifest_and_writes_the_model_where_sagemaker_would(dataset, s3_client, tmp_path):
     uri, summary = dataset
     done = tagflow(

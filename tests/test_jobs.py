@@ -112,6 +112,22 @@ def test_a_batch_larger_than_a_split_is_refused_before_any_job_starts():
     assert jobs.tuning_request(tuned, small, tuning_name="t", image_uri=IMAGE, role_arn=ROLE)
 
 
+def test_one_builder_with_the_data_winning_unless_the_override_is_asked_for():
+    """The DAG and the CLI build through jobs.dataset_request: the manifest's values win over the form's (which
+    refuses those names anyway); the CLI's --hp replaces them only because it passes override_data."""
+    build = {"job_name": "j", "image_uri": IMAGE, "role_arn": ROLE, "instance_type": "ml.m5.large",
+             "max_runtime_s": 60}  # fmt: skip
+    asked = {"num_training_samples": 100, "epochs": 2}
+    dag = jobs.dataset_request("s3://b/ds", MANIFEST, asked, **build)["HyperParameters"]
+    cli = jobs.dataset_request("s3://b/ds", MANIFEST, asked, override_data=True, **build)["HyperParameters"]
+    assert (dag["num_training_samples"], cli["num_training_samples"]) == ("1800", "100")
+    assert dag["epochs"] == cli["epochs"] == "2" and dag["num_classes"] == cli["num_classes"] == "50"
+    small = {**MANIFEST, "counts": {"train": 540, "val": 60}}
+    with pytest.raises(InputError, match=r"mini_batch_size: 64 is more than the 60 val images of s3://b/ds"):
+        jobs.dataset_request("s3://b/ds", small, {"mini_batch_size": 64}, override_data=True, **build)
+    assert jobs.dataset_request("s3://b/ds", small, {"mini_batch_size": 64}, check_batch_size=False, **build)
+
+
 def test_a_local_job_is_judged_by_the_model_it_saved_not_its_last_epoch():
     describe = {
         "TrainingJobName": "j",

@@ -145,8 +145,8 @@ def parse(
     as_json: JsonFlag = False,
 ) -> None:
     """Validate a list file (ID, N labels of 0/1, path per line); exit 2 with LIST:LINE errors if it is bad."""
-    from tagflow.listfile import list_warnings, parse_list, write_list
-    from tagflow.pipeline import load_label_names, read_location
+    from tagflow.listfile import list_warnings, load_label_names, parse_list, write_list
+    from tagflow.s3 import read_location
 
     raw, name = read_location(list_file)
     listfile = parse_list(raw, num_labels, name=name).sorted_by_id()
@@ -188,8 +188,7 @@ def download(
     """Mirror the images a list file names into DEST; already present, unchanged objects are not fetched again."""
     from tagflow import download as dl
     from tagflow.listfile import infer_num_labels, parse_list
-    from tagflow.pipeline import read_location
-    from tagflow.s3 import S3Uri
+    from tagflow.s3 import S3Uri, read_location
 
     raw, name = read_location(list_file)
     listfile = parse_list(raw, num_labels or infer_num_labels(raw, name=name), name=name)
@@ -240,9 +239,10 @@ def pack(
     from tagflow import manifest
     from tagflow import pack as packing
     from tagflow.errors import InputError, check_bad_fraction
-    from tagflow.listfile import infer_num_labels, list_warnings, parse_list
+    from tagflow.listfile import infer_num_labels, list_warnings, load_label_names, parse_list
     from tagflow.paths import local_path
-    from tagflow.pipeline import load_groups, load_label_names, read_location
+    from tagflow.pipeline import load_groups
+    from tagflow.s3 import read_location
     from tagflow.shards import compile_group_regex, plan_split, sides_by_id
 
     if engine not in ("native", "mxnet"):
@@ -349,7 +349,7 @@ def run(
 ) -> None:
     """The whole data plane, shard by shard through S3 staging, exactly as the DAG runs it."""
     from tagflow import pipeline
-    from tagflow.pack import PackParams
+    from tagflow.packparams import PackParams
 
     _group_key(group_regex, group_file)
     spec = pipeline.DatasetSpec(
@@ -397,28 +397,33 @@ def _hyperparameter_pairs(pairs: list[str]) -> dict[str, str]:
     return values
 
 
-def _dataset_request(dataset: str, hyperparameters: dict[str, str], job_name: str | None, max_runtime: int) -> dict:
-    """A CreateTrainingJob request for the packed dataset at `dataset` (counts read from its manifest)."""
+def _dataset_request(
+    dataset: str,
+    hyperparameters: dict[str, str],
+    job_name: str | None,
+    max_runtime: int,
+    *,
+    tuned: frozenset[str] = frozenset(),
+) -> dict:
+    """A CreateTrainingJob request for the packed dataset at `dataset` (counts read from its manifest): the DAG's
+    builder, with `--hp` allowed to replace what the data decides, and the batch size checked unless it is tuned."""
     from datetime import UTC, datetime
 
+    from tagflow import jobs
     from tagflow import sagemaker_config as smc
     from tagflow.names import check_dataset_uri, check_job_name
-    from tagflow.pipeline import read_location
+    from tagflow.s3 import read_location
 
     check_dataset_uri(dataset, "--dataset")
     if job_name is not None:
         check_job_name(job_name, smc.TRAINING_NAME_MAX, "--job-name")
     manifest = json.loads(read_location(str(DatasetLayout.of(dataset).manifest))[0])
     name = job_name or smc.training_job_name("tagflow", datetime.now(UTC).strftime("%Y%m%d-%H%M%S"))
-    return smc.training_job_request(
-        name,
-        image_uri=smc.LOCAL_IMAGE_URI,
-        role_arn=smc.LOCAL_ROLE_ARN,
-        hyperparameters={**smc.dataset_hyperparameters(manifest), **hyperparameters},
-        instance_type="ml.m5.large",
-        max_runtime_s=max_runtime,
-        **smc.dataset_channels(dataset),
-    )
+    return jobs.dataset_request(
+        dataset, manifest, hyperparameters, job_name=name, image_uri=smc.LOCAL_IMAGE_URI, role_arn=smc.LOCAL_ROLE_ARN,
+        instance_type="ml.m5.large", max_runtime_s=max_runtime, override_data=True,
+        check_batch_size="mini_batch_size" not in tuned,
+    )  # fmt: skip
 
 
 HpOpt = Annotated[list[str] | None, typer.Option("--hp", help="A hyperparameter NAME=VALUE (repeatable).")]
@@ -521,7 +526,7 @@ def tune(
         smc.parameter_ranges(spec)  # the ranges' own rules first: no S3 request for a request that cannot run
     except InputError as err:
         raise InputError(f"{ranges}: {err}") from None
-    training = _dataset_request(dataset, _hyperparameter_pairs(hp or []), None, max_runtime)
+    training = _dataset_request(dataset, _hyperparameter_pairs(hp or []), None, max_runtime, tuned=frozenset(spec))
     name = job_name or smc.tuning_job_name("tf", datetime.now(UTC).strftime("%m%d%H%M%S"))
     request = smc.tuning_job_request(
         name,
@@ -731,9 +736,10 @@ def predict(
     served model recorded (its metrics.json's, else its evaluation's), else numbered names (label_0, …)."""
     from tagflow import thresholds as recorded_thresholds
     from tagflow.errors import InputError, TagflowError
+    from tagflow.listfile import load_label_names
     from tagflow.local import endpoint
     from tagflow.names import check_dataset_uri
-    from tagflow.pipeline import load_label_names, read_location
+    from tagflow.s3 import read_location
 
     if labels and dataset:
         raise InputError("give at most one of --labels and --dataset")

@@ -13,8 +13,8 @@ from typing import Any
 from tagflow import s3
 from tagflow.errors import InputError, TagflowError
 from tagflow.layout import MODEL_TAIL, DatasetLayout
-from tagflow.pack import PackParams
-from tagflow.pipeline import DatasetSpec, read_location
+from tagflow.packparams import PackParams
+from tagflow.pipeline import DatasetSpec
 from tagflow.runconfig import RunConfig
 from tagflow.sagemaker_config import (
     dataset_channels,
@@ -64,7 +64,7 @@ def dataset_spec(cfg: RunConfig, *, pack_workers: int | None = None) -> DatasetS
 def read_manifest(dataset_uri: str, client=None) -> dict[str, Any]:
     """The packed dataset's manifest.json (written last by publish, so the .rec files it describes exist)."""
     uri = str(DatasetLayout.of(dataset_uri).manifest)
-    data, name = read_location(uri, client)
+    data, name = s3.read_location(uri, client)
     try:
         return json.loads(data)
     except ValueError as err:
@@ -82,7 +82,6 @@ def training_request(
     cfg: RunConfig, manifest: Mapping[str, Any], *, job_name: str, image_uri: str, role_arn: str
 ) -> dict[str, Any]:
     """CreateTrainingJob for this run: the form's hyperparameters plus those the packed data decides."""
-    check_batch(cfg.hyperparameters, manifest, cfg.dataset_uri)
     return _training_request(cfg, manifest, job_name=job_name, image_uri=image_uri, role_arn=role_arn)
 
 
@@ -99,17 +98,54 @@ def check_batch(hyperparameters: Mapping[str, Any], manifest: Mapping[str, Any],
 
 
 def _training_request(
-    cfg: RunConfig, manifest: Mapping[str, Any], *, job_name: str, image_uri: str, role_arn: str
+    cfg: RunConfig, manifest: Mapping[str, Any], *, job_name: str, image_uri: str, role_arn: str, check: bool = True
 ) -> dict[str, Any]:
+    return dataset_request(
+        cfg.dataset_uri,
+        manifest,
+        cfg.hyperparameters,
+        job_name=job_name,
+        image_uri=image_uri,
+        role_arn=role_arn,
+        instance_type=cfg.instance_type,
+        instance_count=cfg.instance_count,
+        max_runtime_s=cfg.max_runtime_s,
+        check_batch_size=check,
+    )
+
+
+def dataset_request(
+    dataset_uri: str,
+    manifest: Mapping[str, Any],
+    hyperparameters: Mapping[str, Any],
+    *,
+    job_name: str,
+    image_uri: str,
+    role_arn: str,
+    instance_type: str,
+    max_runtime_s: int,
+    instance_count: int = 1,
+    check_batch_size: bool = True,
+    override_data: bool = False,
+) -> dict[str, Any]:
+    """The one CreateTrainingJob builder for a packed dataset (the DAG's and the CLI's): its channels, the
+    hyperparameters its manifest decides (num_classes, num_training_samples, multi_label, image_shape) and
+    `hyperparameters`. The data's values win, unless `override_data`: the CLI's `--hp` may replace them on purpose
+    (the form refuses those names instead). `check_batch_size` refuses a mini-batch larger than either split
+    before any job starts (off only where the batch size is tuned: each trial's own)."""
+    data = dataset_hyperparameters(manifest)
+    merged = {**data, **hyperparameters} if override_data else {**hyperparameters, **data}
+    if check_batch_size:
+        check_batch(merged, manifest, dataset_uri)
     return training_job_request(
         job_name,
         image_uri=image_uri,
         role_arn=role_arn,
-        **dataset_channels(cfg.dataset_uri),
-        hyperparameters={**cfg.hyperparameters, **dataset_hyperparameters(manifest)},
-        instance_type=cfg.instance_type,
-        instance_count=cfg.instance_count,
-        max_runtime_s=cfg.max_runtime_s,
+        **dataset_channels(dataset_uri),
+        hyperparameters=merged,
+        instance_type=instance_type,
+        instance_count=instance_count,
+        max_runtime_s=max_runtime_s,
     )
 
 
@@ -117,9 +153,10 @@ def tuning_request(
     cfg: RunConfig, manifest: Mapping[str, Any], *, tuning_name: str, image_uri: str, role_arn: str
 ) -> dict[str, Any]:
     """CreateHyperParameterTuningJob for this run, tuning `cfg.tuning_ranges` around `training_request`."""
-    if "mini_batch_size" not in cfg.tuning_ranges:  # a tuned batch size is each trial's own
-        check_batch(cfg.hyperparameters, manifest, cfg.dataset_uri)
-    training = _training_request(cfg, manifest, job_name=f"{tuning_name}-def", image_uri=image_uri, role_arn=role_arn)
+    training = _training_request(
+        cfg, manifest, job_name=f"{tuning_name}-def", image_uri=image_uri, role_arn=role_arn,
+        check="mini_batch_size" not in cfg.tuning_ranges,  # a tuned batch size is each trial's own
+    )  # fmt: skip
     return tuning_job_request(
         tuning_name,
         training=training,
