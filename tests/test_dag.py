@@ -13,6 +13,7 @@ import sys
 import pytest
 
 from tagflow import demo, deploy, s3
+from tagflow.dag_id import DAG_ID
 from tagflow.local import airflow as local_airflow
 from tagflow.local import endpoint
 
@@ -25,7 +26,7 @@ before = set(sys.modules)
 t0 = time.perf_counter()
 bag = DagBag()
 parse_s = time.perf_counter() - t0
-dag = bag.dags.get("tagflow")
+dag = bag.dags.get(sys.argv[1])
 facts = {"errors": {k: v[-2000:] for k, v in bag.import_errors.items()}, "parse_s": parse_s,
          "loaded": sorted(set(sys.modules) - before)}
 if dag is not None:
@@ -33,7 +34,9 @@ if dag is not None:
         doc=dag.doc_md, tags=sorted(dag.tags),
         params={k: dag.params.get_param(k).schema for k in dag.params},
         tasks={t.task_id: {"retries": t.retries, "timeout": t.execution_timeout.total_seconds()
-                           if t.execution_timeout else None, "trigger_rule": str(t.trigger_rule)} for t in dag.tasks},
+                           if t.execution_timeout else None, "trigger_rule": str(t.trigger_rule),
+                           "unset_template_fields": [f for f in t.template_fields if not hasattr(t, f)],
+                           "group": t.task_group.group_id if t.task_group else None} for t in dag.tasks},
     )
 print(json.dumps(facts, default=str))
 """
@@ -65,10 +68,22 @@ def _airflow(env, *args: str) -> subprocess.CompletedProcess[str]:
 @pytest.fixture(scope="module")
 def facts(airflow_env):
     done = subprocess.run(
-        [sys.executable, "-c", INSPECT], env=airflow_env, capture_output=True, text=True, timeout=300, check=False
+        [sys.executable, "-c", INSPECT, DAG_ID],
+        env=airflow_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_every_operators_template_fields_are_attributes_it_sets(facts):
+    """A template field the operator does not set fails only when a run renders it: checked per task at parse."""
+    unset = {task: info["unset_template_fields"] for task, info in facts["tasks"].items()}
+    unset = {task: fields for task, fields in unset.items() if fields}
+    assert unset == {}
 
 
 def test_the_dag_imports_cleanly_and_declares_only(facts):
@@ -98,10 +113,10 @@ def test_the_form_has_every_field_with_help_and_a_section(facts):
     [({"num_labels": 0}, "num_labels"), ({"backend": "gcp"}, "backend"), ({"list_uri": "ftp://x/y"}, "list_uri")],
 )
 def test_invalid_form_values_are_refused_before_any_task_runs(airflow_env, conf, field):
-    done = _airflow(airflow_env, "dags", "trigger", "tagflow", "--conf", json.dumps(conf))
+    done = _airflow(airflow_env, "dags", "trigger", DAG_ID, "--conf", json.dumps(conf))
     assert done.returncode != 0
     assert field in done.stderr + done.stdout
-    runs = _airflow(airflow_env, "dags", "list-runs", "tagflow", "-o", "json")
+    runs = _airflow(airflow_env, "dags", "list-runs", DAG_ID, "-o", "json")
     assert runs.returncode == 0, runs.stderr
     assert json.loads(runs.stdout.strip().splitlines()[-1]) == []  # no run was created, so no task ran
 

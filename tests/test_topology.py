@@ -34,13 +34,13 @@ import redis
 
 from airflow_procs import AIRFLOW, Components, install_task_policy
 from tagflow import demo, runconfig, s3
+from tagflow.dag_id import DAG_ID
 from tagflow.local import airflow as local_airflow
 from tagflow.local import endpoint, process
 
 pytestmark = [pytest.mark.slow, pytest.mark.mxnet, pytest.mark.timeout(1200)]
 
 TESTS = Path(__file__).resolve().parent
-DAG_ID = "tagflow"
 PER_DAY = 30
 SHARD_SIZE = 10
 FIRST_DAY = date(2026, 11, 1)

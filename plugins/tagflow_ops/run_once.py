@@ -9,12 +9,14 @@ import argparse
 import json
 from datetime import datetime
 
+from tagflow.dag_id import DAG_ID
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--conf", default="{}", help="the run's params, as JSON")
     parser.add_argument("--logical-date", help="ISO date or time (default: now)")
-    parser.add_argument("--dag-id", default="tagflow")
+    parser.add_argument("--dag-id", default=DAG_ID)
     args = parser.parse_args()
 
     from airflow.dag_processing.dagbag import DagBag

@@ -37,6 +37,8 @@ from urllib.parse import quote
 
 from airflow.plugins_manager import AirflowPlugin
 
+from tagflow.dag_id import DAG_ID  # dags/tagflow.py: the objects served are its runs' artefacts
+
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
@@ -46,7 +48,6 @@ if TYPE_CHECKING:
 URL_PREFIX = "/tagflow"
 ROUTE = "/s3"
 AWS_CONN_ID = "aws_default"
-DAG_ID = "tagflow"  # dags/tagflow.py: the objects served are its runs' artefacts
 READABLE_FOLDERS = ("output", "training", "validation")
 CHUNK = 256 * 1024
 CSP = (
