@@ -33,28 +33,30 @@ from __future__ import annotations
 import os
 from datetime import datetime, timedelta
 
-from airflow.sdk import DAG, Asset, CronDataIntervalTimetable, Param, TriggerRule, chain, task_group
+from airflow.sdk import DAG, Asset, CronDataIntervalTimetable, Param, TaskGroup, TriggerRule, chain, task_group
 
 from tagflow.dag_id import DAG_ID
 from tagflow.runconfig import PARAMS
-from tagflow_ops.operators import (
-    ChooseBranchOperator,
-    ChooseTrainingOperator,
-    DeployApprovalOperator,
+from tagflow_ops.base import ChooseBranchOperator
+from tagflow_ops.data import (
     DownloadShardOperator,
-    EvaluateGateOperator,
-    LocalDeployOperator,
-    LocalTrainingOperator,
-    LocalTuningOperator,
     PackShardOperator,
     PrepareDatasetOperator,
     PublishDatasetOperator,
     ResolveConfigOperator,
+)
+from tagflow_ops.deployment import (
+    LocalDeployOperator,
     SageMakerEndpointConfigOperator,
-    SageMakerRequestOperator,
     SmokeTestOperator,
     TagflowSageMakerEndpointOperator,
     TagflowSageMakerModelOperator,
+)
+from tagflow_ops.gate import DeployApprovalOperator, EvaluateGateOperator
+from tagflow_ops.training import (
+    ChooseTrainingOperator,
+    LocalJobOperator,
+    SageMakerRequestOperator,
     TagflowSageMakerTrainingOperator,
     TagflowSageMakerTuningOperator,
 )
@@ -110,19 +112,26 @@ with DAG(
             "sagemaker/tune": "sagemaker_tuning_request",
         },
     )
-    local_train = LocalTrainingOperator(task_id="local_train", config=CONFIG, execution_timeout=TRAINING_TIMEOUT)
-    local_tune = LocalTuningOperator(task_id="local_tune", config=CONFIG, execution_timeout=TUNING_TIMEOUT)
-    training_request = SageMakerRequestOperator(task_id="sagemaker_training_request", config=CONFIG, kind="training")
-    tuning_request = SageMakerRequestOperator(task_id="sagemaker_tuning_request", config=CONFIG, kind="tuning")
-    # The deferred waits last as long as the task may: polls x interval = the execution timeout.
-    sagemaker_train = TagflowSageMakerTrainingOperator(
-        task_id="sagemaker_train", config=training_request.output, deferrable=True,
-        execution_timeout=TRAINING_TIMEOUT, check_interval=60, max_attempts=TRAINING_TIMEOUT // timedelta(seconds=60),
-    )  # fmt: skip
-    sagemaker_tune = TagflowSageMakerTuningOperator(
-        task_id="sagemaker_tune", config=tuning_request.output, deferrable=True, execution_timeout=TUNING_TIMEOUT,
-        check_interval=int(TUNING_TIMEOUT.total_seconds()) // TRIGGER_POLLS,  # its trigger polls at most 480 times
-    )  # fmt: skip
+    local_train = LocalJobOperator(
+        task_id="local_train", kind="training", config=CONFIG, execution_timeout=TRAINING_TIMEOUT
+    )
+    local_tune = LocalJobOperator(task_id="local_tune", kind="tuning", config=CONFIG, execution_timeout=TUNING_TIMEOUT)
+    # Groups show the stages in the graph; prefix_group_id=False keeps the task IDs the XCom pulls name.
+    with TaskGroup("sagemaker_training", prefix_group_id=False, tooltip="The built-in algorithm on SageMaker"):
+        training_request = SageMakerRequestOperator(
+            task_id="sagemaker_training_request", config=CONFIG, kind="training"
+        )
+        tuning_request = SageMakerRequestOperator(task_id="sagemaker_tuning_request", config=CONFIG, kind="tuning")
+        # The deferred waits last as long as the task may: polls x interval = the execution timeout.
+        sagemaker_train = TagflowSageMakerTrainingOperator(
+            task_id="sagemaker_train", config=training_request.output, deferrable=True,
+            execution_timeout=TRAINING_TIMEOUT, check_interval=60,
+            max_attempts=TRAINING_TIMEOUT // timedelta(seconds=60),
+        )  # fmt: skip
+        sagemaker_tune = TagflowSageMakerTuningOperator(
+            task_id="sagemaker_tune", config=tuning_request.output, deferrable=True, execution_timeout=TUNING_TIMEOUT,
+            check_interval=int(TUNING_TIMEOUT.total_seconds()) // TRIGGER_POLLS,  # its trigger polls ≤ 480 times
+        )  # fmt: skip
 
     gate = EvaluateGateOperator(
         task_id="evaluate_gate",
@@ -145,13 +154,16 @@ with DAG(
         trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS,
     )
     deploy_local = LocalDeployOperator(task_id="deploy_local", config=CONFIG, decision=gate.output)
-    endpoint_config = SageMakerEndpointConfigOperator(
-        task_id="sagemaker_endpoint_config", config=CONFIG, decision=gate.output
-    )
-    sagemaker_model = TagflowSageMakerModelOperator(task_id="sagemaker_model", config=endpoint_config.output["model"])
-    sagemaker_deploy = TagflowSageMakerEndpointOperator(
-        task_id="sagemaker_deploy", config=endpoint_config.output, operation="create", deferrable=True
-    )
+    with TaskGroup("sagemaker_deployment", prefix_group_id=False, tooltip="Model, endpoint config, endpoint"):
+        endpoint_config = SageMakerEndpointConfigOperator(
+            task_id="sagemaker_endpoint_config", config=CONFIG, decision=gate.output
+        )
+        sagemaker_model = TagflowSageMakerModelOperator(
+            task_id="sagemaker_model", config=endpoint_config.output["model"]
+        )
+        sagemaker_deploy = TagflowSageMakerEndpointOperator(
+            task_id="sagemaker_deploy", config=endpoint_config.output, operation="create", deferrable=True
+        )
     smoke_test = SmokeTestOperator(
         task_id="smoke_test", config=CONFIG, trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS
     )

@@ -79,6 +79,14 @@ def facts(airflow_env):
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def test_the_sagemaker_stages_are_groups_in_the_graph(facts):
+    groups = {task: info["group"] for task, info in facts["tasks"].items() if info["group"]}
+    training = ("sagemaker_training_request", "sagemaker_tuning_request", "sagemaker_train", "sagemaker_tune")
+    assert {task: groups.get(task) for task in training} == dict.fromkeys(training, "sagemaker_training")
+    deployment = ("sagemaker_endpoint_config", "sagemaker_model", "sagemaker_deploy")
+    assert {task: groups.get(task) for task in deployment} == dict.fromkeys(deployment, "sagemaker_deployment")
+
+
 def test_every_operators_template_fields_are_attributes_it_sets(facts):
     """A template field the operator does not set fails only when a run renders it: checked per task at parse."""
     unset = {task: info["unset_template_fields"] for task, info in facts["tasks"].items()}

@@ -383,7 +383,7 @@ MANIFEST = {"num_labels": 50, "counts": {"train": 540, "val": 60}, "pack_params"
 def _job_operator(dataset: str, run_id: str, mode: str = "train"):
     """The DAG's training (mode "train") or tuning ("tune") operator for this run's try-1 request: deferrable,
     with the operator's defaults otherwise."""
-    from tagflow_ops.operators import TagflowSageMakerTrainingOperator, TagflowSageMakerTuningOperator
+    from tagflow_ops.training import TagflowSageMakerTrainingOperator, TagflowSageMakerTuningOperator
 
     bucket = s3.S3Uri.parse(dataset).bucket
     cfg = runconfig.resolve({"bucket": bucket, "dataset_prefix": "designs", "backend": "sagemaker", "mode": mode})
@@ -559,7 +559,7 @@ def test_a_tuning_retry_defers_on_the_job_its_first_try_started(worker, moto, da
 def test_a_deploy_retry_uses_what_its_first_try_created(worker, moto, request):
     """Model and endpoint-config names are per run, so a retried deploy meets its own first try's resources:
     it uses them instead of failing on "already existing", and creates nothing twice."""
-    from tagflow_ops.operators import TagflowSageMakerEndpointOperator, TagflowSageMakerModelOperator
+    from tagflow_ops.deployment import TagflowSageMakerEndpointOperator, TagflowSageMakerModelOperator
 
     name = f"retry-{uuid.uuid4().hex[:8]}"
     candidate = {"job": "j", "metric": "validation:accuracy", "value": 0.7, "model_data_url": "s3://b/m.tar.gz"}

@@ -258,6 +258,19 @@ def local_champion(metadata: Mapping[str, Any] | None, endpoint_name: str) -> st
     return metadata.get("source")
 
 
+def serving_model(
+    backend: str, endpoint_name: str, *, local_url: Callable[[], str], sagemaker: Callable[[], Any]
+) -> str | None:
+    """The model the run's endpoint serves now, on the run's backend: the local endpoint service's (at
+    `local_url()`) or the SageMaker endpoint's (through the client `sagemaker()` makes); None if none. The two are
+    callables so a run asks only the backend it uses."""
+    if backend == "local":
+        from tagflow.local import endpoint
+
+        return local_champion(endpoint.metadata(local_url()), endpoint_name)
+    return sagemaker_champion(sagemaker(), endpoint_name)
+
+
 def sagemaker_champion(sagemaker, endpoint_name: str) -> str | None:
     """The model.tar.gz the SageMaker endpoint `endpoint_name` serves now: DescribeEndpoint → its EndpointConfig →
     the first variant's Model → PrimaryContainer.ModelDataUrl; None if there is no such endpoint. `sagemaker` is a
@@ -392,6 +405,32 @@ def smoke_image(dataset_uri: str, client=None) -> tuple[int, bytes]:
         with RecordReader(path) as reader:
             header, _, image = unpack_payload(reader.read_at(0))
     return int(header.id), image
+
+
+def smoke_test(
+    backend: str,
+    endpoint_name: str,
+    dataset_uri: str,
+    num_classes: int,
+    client,
+    *,
+    local_url: Callable[[], str],
+    runtime: Callable[[], Any],
+) -> dict[str, Any]:
+    """Send the dataset's first validation image through InvokeEndpoint — the local endpoint service's route (at
+    `local_url()`) or SageMaker Runtime (the client `runtime()` makes) — and check the answer is `num_classes`
+    probabilities. Returns the endpoint, the image ID and the top three labels."""
+    from tagflow.local import endpoint
+
+    image_id, image = smoke_image(dataset_uri, client)
+    invoker = endpoint.runtime_client(local_url()) if backend == "local" else runtime()
+    response = invoker.invoke_endpoint(
+        EndpointName=endpoint_name, ContentType=endpoint.content_type_of(image), Body=image
+    )
+    probabilities = check_prediction(response["Body"].read(), num_classes, endpoint_name)
+    top = sorted(range(len(probabilities)), key=lambda i: -probabilities[i])[:3]
+    return {"endpoint": endpoint_name, "image_id": image_id, "top": top,
+            "top_probabilities": [round(probabilities[i], 3) for i in top]}  # fmt: skip
 
 
 def check_prediction(body: bytes, num_classes: int, endpoint: str) -> list[float]:

@@ -65,6 +65,12 @@ def _base_url() -> str | None:
     return conf.get("api", "base_url", fallback=None)
 
 
+def operator_s3_link(operator: BaseOperator, uri: str) -> str:
+    """`s3_link` for an S3 URI through the operator's connection: the local S3 view or the S3 console."""
+    local, region = _connection(operator)
+    return s3_link(uri, local=local, region=region, base_url=_base_url())
+
+
 class _TagflowLink(BaseOperatorLink):
     """Base: `target(result)` picks the S3 URI (or console page) from the task's return value."""
 
@@ -76,10 +82,7 @@ class _TagflowLink(BaseOperatorLink):
     def get_link(self, operator: BaseOperator, *, ti_key: TaskInstanceKey) -> str:
         result = _result(ti_key)
         uri = self.target(result) if result else None
-        if not uri:
-            return ""
-        local, region = _connection(operator)
-        return s3_link(uri, local=local, region=region, base_url=_base_url())
+        return operator_s3_link(operator, uri) if uri else ""
 
 
 class ReportLink(_TagflowLink):
