@@ -137,7 +137,7 @@ def model_archive(s3_client, mxnet_python, tmp_path_factory) -> bytes:
     conf = {**_publish(s3_client, bucket, seed=20), "backend": "local", "endpoint_name": "tagflow-sm-model"}
     conf["hyperparameters"] = {**conf["hyperparameters"], "epochs": 1}
     cfg = runconfig.resolve(conf)
-    pipeline.run(jobs.dataset_spec(cfg), s3_client)
+    pipeline.run(cfg.dataset_spec(), s3_client)
     request = jobs.training_request(cfg, jobs.read_manifest(cfg.dataset_uri, s3_client), job_name="tagflow-sm-model",
                                     image_uri=LOCAL_IMAGE_URI, role_arn=LOCAL_ROLE_ARN)  # fmt: skip
     described = run_training_job(request, workdir=tmp_path_factory.mktemp("model"), client=s3_client,

@@ -182,8 +182,8 @@ def test_preflight_accepts_the_defaults_of_both_modes_backends_and_presets(param
 def test_the_forms_pixel_limit_reaches_the_packer():
     from tagflow.pack import PackParams
 
-    assert jobs.dataset_spec(runconfig.resolve({})).pack.max_pixels == PackParams().max_pixels
-    assert jobs.dataset_spec(runconfig.resolve({"max_pixels": 1_000_000})).pack.max_pixels == 1_000_000
+    assert runconfig.resolve({}).dataset_spec().pack.max_pixels == PackParams().max_pixels
+    assert runconfig.resolve({"max_pixels": 1_000_000}).dataset_spec().pack.max_pixels == 1_000_000
 
 
 def _published(s3_client, bucket: str, train: bytes, val: bytes, names: list[str]) -> tuple[str, dict]:

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tagflow import demo, jobs, pipeline, runconfig, s3
+from tagflow import demo, pipeline, runconfig, s3
 from tagflow.errors import InputError, ListFileError
 from tagflow.listfile import parse_list
 from tagflow.recordio import read_index
@@ -282,7 +282,7 @@ def test_the_forms_group_regex_reaches_the_data_plane(s3_client, bucket):
         "shard_size": 8,
         "train_ratio": 0.5,
     }
-    ref = pipeline.prepare(jobs.dataset_spec(runconfig.resolve({**form, "split_group_regex": GROUP_RE})), s3_client)
+    ref = pipeline.prepare(runconfig.resolve({**form, "split_group_regex": GROUP_RE}).dataset_spec(), s3_client)
     doc = json.loads(s3_client.get_object(Bucket=bucket, Key=s3.S3Uri.parse(ref.plan_uri).key)["Body"].read())
     assert doc["spec"]["split_group_regex"] == GROUP_RE
     assert doc["split"]["by"] == "group_regex" and doc["split"]["group_regex"] == GROUP_RE
@@ -298,6 +298,6 @@ def test_the_forms_group_regex_reaches_the_data_plane(s3_client, bucket):
         side_of_group.setdefault(path.split("/")[1], set()).add(side)
     assert all(len(sides) == 1 for sides in side_of_group.values()) and set(staged) == {"t", "v"}
     # Without the field the same form splits by image ID, and stages no sides.
-    plain = pipeline.prepare(jobs.dataset_spec(runconfig.resolve(form)), s3_client)
+    plain = pipeline.prepare(runconfig.resolve(form).dataset_spec(), s3_client)
     doc = json.loads(s3_client.get_object(Bucket=bucket, Key=s3.S3Uri.parse(plain.plan_uri).key)["Body"].read())
     assert doc["split"] == {"by": "image_id", "train_ratio": 0.5} and plain.plan_uri != ref.plan_uri

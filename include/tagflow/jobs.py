@@ -13,8 +13,6 @@ from typing import Any
 from tagflow import s3
 from tagflow.errors import InputError, TagflowError
 from tagflow.layout import MODEL_TAIL, DatasetLayout
-from tagflow.packparams import PackParams
-from tagflow.pipeline import DatasetSpec
 from tagflow.runconfig import RunConfig
 from tagflow.sagemaker_config import (
     dataset_channels,
@@ -37,28 +35,6 @@ def job_failure(what: str, reason: str) -> TagflowError:
     request or data is at fault; TagflowError (retry) for anything else, such as capacity or internal errors."""
     kind = InputError if reason.lstrip().startswith(NOT_RETRYABLE) else TagflowError
     return kind(f"{what}: {reason}")
-
-
-def dataset_spec(cfg: RunConfig, *, pack_workers: int | None = None) -> DatasetSpec:
-    """The data plane's spec for this run (staging below the dataset prefix, so shards are reused across runs)."""
-    return DatasetSpec(
-        list_uri=cfg.list_uri,
-        dataset_uri=cfg.dataset_uri,
-        num_labels=cfg.num_labels,
-        source_uri=cfg.images_uri,
-        labels_uri=cfg.labels_uri,
-        shard_size=cfg.shard_size,
-        pack=PackParams(
-            resize=cfg.resize,
-            quality=cfg.quality,
-            train_ratio=cfg.train_ratio,
-            **({} if cfg.max_pixels is None else {"max_pixels": cfg.max_pixels}),
-        ),
-        pack_workers=pack_workers,
-        list_until=cfg.list_until,
-        split_group_regex=cfg.split_group_regex,
-        split_group_file=cfg.split_group_file,
-    )
 
 
 def read_manifest(dataset_uri: str, client=None) -> dict[str, Any]:

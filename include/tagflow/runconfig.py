@@ -12,12 +12,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tagflow import names
 from tagflow.deploy import DEFAULT_LIFT, DEFAULT_THRESHOLD, DEFAULT_TOLERANCE, GATE_METRICS
 from tagflow.errors import InputError, quote
 from tagflow.sagemaker_config import TUNING_STRATEGIES
+
+if TYPE_CHECKING:
+    from tagflow.pipeline import DatasetSpec
 
 S3_URI_PATTERN = r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?$"
 # Segments of S3-safe characters, none of them `.` or `..` (tagflow.names says why).
@@ -411,6 +414,30 @@ class RunConfig:
     @property
     def dataset_uri(self) -> str:
         return f"s3://{self.bucket}/{self.dataset_prefix.strip('/')}"
+
+    def dataset_spec(self, *, pack_workers: int | None = None) -> DatasetSpec:
+        """The data plane's spec for this run (staging below the dataset prefix, so shards are reused across runs)."""
+        from tagflow.packparams import PackParams
+        from tagflow.pipeline import DatasetSpec
+
+        return DatasetSpec(
+            list_uri=self.list_uri,
+            dataset_uri=self.dataset_uri,
+            num_labels=self.num_labels,
+            source_uri=self.images_uri,
+            labels_uri=self.labels_uri,
+            shard_size=self.shard_size,
+            pack=PackParams(
+                resize=self.resize,
+                quality=self.quality,
+                train_ratio=self.train_ratio,
+                **({} if self.max_pixels is None else {"max_pixels": self.max_pixels}),
+            ),
+            pack_workers=pack_workers,
+            list_until=self.list_until,
+            split_group_regex=self.split_group_regex,
+            split_group_file=self.split_group_file,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -37,9 +37,9 @@ class PrepareDatasetOperator(TagflowOperator):
     map over) and pushes the plan reference under the XCom key `plan`."""
 
     def run(self, context: Context) -> list[int]:
-        from tagflow import jobs, pipeline
+        from tagflow import pipeline
 
-        ref = pipeline.prepare(jobs.dataset_spec(config_of(self.config)), self.aws.s3)
+        ref = pipeline.prepare(config_of(self.config).dataset_spec(), self.aws.s3)
         context["ti"].xcom_push(key="plan", value=ref.to_dict())
         self.log.info("%d images in %d shards; plan %s", ref.num_images, ref.num_shards, ref.plan_uri)
         return list(range(ref.num_shards))
@@ -54,11 +54,11 @@ class _ShardOperator(TagflowOperator):
         self.shard = shard
 
     def _args(self):
-        from tagflow import jobs, pipeline
+        from tagflow import pipeline
         from tagflow.local import usable_cores
 
         # Use this worker's cores for packing, whatever machine it is.
-        spec = jobs.dataset_spec(config_of(self.config), pack_workers=usable_cores())
+        spec = config_of(self.config).dataset_spec(pack_workers=usable_cores())
         return spec, pipeline.PlanRef(**self.plan), int(self.shard)
 
 
@@ -96,11 +96,11 @@ class PublishDatasetOperator(TagflowOperator):
         self.plan = plan
 
     def run(self, context: Context) -> dict[str, Any]:
-        from tagflow import jobs, manifest, pipeline
+        from tagflow import manifest, pipeline
 
         cfg = config_of(self.config)
         summary = pipeline.publish(
-            jobs.dataset_spec(cfg), pipeline.PlanRef(**self.plan), self.aws.s3, code_revision=manifest.code_revision()
+            cfg.dataset_spec(), pipeline.PlanRef(**self.plan), self.aws.s3, code_revision=manifest.code_revision()
         )
         for outlet in self.outlets:
             context["outlet_events"][outlet].extra = {"dataset_uri": summary["dataset"], **summary["counts"]}
