@@ -47,6 +47,7 @@ from machine import machine_line  # noqa: E402
 from tagflow.local import endpoint, process  # noqa: E402
 from tagflow.pack import mxnet_python  # noqa: E402
 from tagflow.recordio import RecordWriter  # noqa: E402
+from test_ic_eval_speed import soften  # noqa: E402
 from test_local_endpoint import render, train_tiny_model  # noqa: E402 - the tests' model recipe, on purpose
 
 SEED_VALIDATION = 15_500
@@ -228,16 +229,6 @@ def main() -> None:
     before, after = (" ".join(f"{v:.1f}" for v in load) for load in (load_before, load_after))
     print(f"  load average (1, 5, 15 min) before {before}, after {after}")
     print(machine_line())
-
-
-def soften(python: Path, params: Path) -> None:
-    """Scale the tiny model's last layer by 1e-4: after one epoch its probabilities are all 0 or 1 in float32, where
-    a difference in the forward would not show; softened they lie within 0.45-0.55 (the cost is unchanged)."""
-    code = (
-        "import sys, mxnet as mx; d = mx.nd.load(sys.argv[1]); "
-        "d.update({k: d[k] * 1e-4 for k in ('arg:fc1_weight', 'arg:fc1_bias')}); mx.nd.save(sys.argv[1], d)"
-    )
-    subprocess.run([str(python), "-c", code, str(params)], check=True, capture_output=True)
 
 
 def evaluation_round(python: Path, work: Path, model_dir: Path, batch_size: int) -> dict[str, float]:
