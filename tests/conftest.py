@@ -84,3 +84,25 @@ def mxnet_records(mxnet_python):
         return json.loads(done.stdout)
 
     return run
+
+
+def write_records(folder: Path, name: str, ids, render) -> list:
+    """`folder/NAME.rec` + `.idx` holding `render(i)` = (encoded image, labels) for each ID, written with tagflow's
+    RecordWriter (what MXNet's reader reads); the labels, in ID order. The synthetic sets of the training, tuning,
+    evaluation and endpoint tests are built with it."""
+    from tagflow.recordio import RecordWriter
+
+    folder.mkdir(parents=True, exist_ok=True)
+    labels = []
+    with RecordWriter(folder / f"{name}.rec", folder / f"{name}.idx") as writer:
+        for i in ids:
+            data, row = render(i)
+            writer.write_image(i, row, data)
+            labels.append(row)
+    return labels
+
+
+def upload_folder(client, folder: Path, bucket: str, prefix: str) -> None:
+    """Every file of `folder` to s3://BUCKET/PREFIX/NAME."""
+    for path in sorted(folder.iterdir()):
+        s3.put_file(client, path, s3.S3Uri(bucket, f"{prefix.rstrip('/')}/{path.name}"))

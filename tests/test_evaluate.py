@@ -18,6 +18,7 @@ import pytest
 from PIL import Image
 from sklearn.metrics import average_precision_score
 
+from conftest import write_records
 from tagflow import cli, s3
 from tagflow.errors import InputError
 from tagflow.evaluate import evaluate, leakage_cache_uri, leakage_line, write_evaluation
@@ -77,12 +78,7 @@ def publish_dataset(tmp_path_factory, s3_client) -> dict:
     s3.ensure_bucket(s3_client, bucket)
     counts, label_counts = {}, {}
     for split, folder, ids in (("train", "training", range(N_TRAIN)), ("val", "validation", range(N_TRAIN, N_IMAGES))):
-        labels = []
-        with RecordWriter(root / f"{split}.rec", root / f"{split}.idx") as writer:
-            for i in ids:
-                data, row = render(i)
-                writer.write_image(i, row, data)
-                labels.append(row)
+        labels = write_records(root, split, ids, render)
         counts[split] = len(labels)
         label_counts[split] = dict(zip(LABEL_NAMES, np.sum(labels, axis=0).astype(int).tolist(), strict=True))
         for ext in ("rec", "idx"):

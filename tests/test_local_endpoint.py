@@ -34,11 +34,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageDraw
 
+from conftest import write_records
 from tagflow import s3
 from tagflow.errors import InputError, TagflowError
 from tagflow.local import endpoint
 from tagflow.local.runner import TRAINER, _tar, write_config
-from tagflow.recordio import RecordWriter
 from tagflow.sagemaker_config import training_job_request
 
 pytestmark = [pytest.mark.slow, pytest.mark.mxnet]
@@ -61,6 +61,12 @@ def render(index: int, size: int = 96) -> tuple[bytes, np.ndarray]:
     buf = io.BytesIO()
     img.save(buf, "JPEG", quality=90)
     return buf.getvalue(), labels
+
+
+def first_labels(design: tuple, classes: int) -> tuple:
+    """(image, its first `classes` labels): a smaller model from the same designs."""
+    data, labels = design
+    return data, labels[:classes]
 
 
 def train_tiny_model(workdir: Path, mxnet_python: Path, *, images: int = 48, classes: int = len(COLORS)) -> Path:
@@ -90,12 +96,7 @@ def train_tiny_model(workdir: Path, mxnet_python: Path, *, images: int = 48, cla
     )
     write_config(job, request)
     for split, ids in (("train", range(n_train)), ("validation", range(n_train, images))):
-        folder = job / "input" / "data" / split
-        folder.mkdir(parents=True)
-        with RecordWriter(folder / f"{split}.rec", folder / f"{split}.idx") as writer:
-            for i in ids:
-                data, labels = render(i)
-                writer.write_image(i, labels[:classes], data)
+        write_records(job / "input" / "data" / split, split, ids, lambda i: first_labels(render(i), classes))
     done = subprocess.run(
         [str(mxnet_python), str(TRAINER), "--job-dir", str(job)], capture_output=True, text=True, check=False
     )

@@ -19,6 +19,7 @@ import pytest
 from botocore.validate import ParamValidator
 from PIL import Image, ImageDraw
 
+from conftest import upload_folder, write_records
 from tagflow import s3
 from tagflow.errors import InputError
 from tagflow.local.runner import run_training_job
@@ -65,18 +66,9 @@ def dataset(tmp_path_factory, s3_client) -> dict[str, object]:
     root = tmp_path_factory.mktemp("icdata")
     bucket = "t-local-training"
     s3.ensure_bucket(s3_client, bucket)
-    val_labels = []
     for split, ids in (("train", range(N_TRAIN)), ("validation", range(N_TRAIN, N_IMAGES))):
-        folder = root / split
-        folder.mkdir()
-        with RecordWriter(folder / f"{split}.rec", folder / f"{split}.idx") as writer:
-            for i in ids:
-                data, labels = render(i)
-                writer.write_image(i, labels, data)
-                if split == "validation":
-                    val_labels.append(labels)
-        for path in folder.iterdir():
-            s3.put_file(s3_client, path, s3.S3Uri(bucket, f"data/{split}/{path.name}"))
+        val_labels = write_records(root / split, split, ids, render)
+        upload_folder(s3_client, root / split, bucket, f"data/{split}")
     return {
         "bucket": bucket,
         "train": f"s3://{bucket}/data/train/",
@@ -374,14 +366,10 @@ def sparse_dataset(tmp_path_factory, s3_client) -> dict[str, object]:
     s3.ensure_bucket(s3_client, bucket)
     for split, ids in (("train", range(SPARSE_TRAIN)), ("validation", range(SPARSE_TRAIN, SPARSE_TRAIN + SPARSE_VAL))):
         folder = root / split
-        folder.mkdir()
-        with RecordWriter(folder / f"{split}.rec", folder / f"{split}.idx") as writer:
-            for i in ids:
-                writer.write_image(i, *reversed(_render_sparse(i)))
+        write_records(folder, split, ids, _render_sparse)
         if split == "train":
             (folder / "manifest.json").write_text(json.dumps({"label_names": SPARSE_NAMES}))
-        for path in folder.iterdir():
-            s3.put_file(s3_client, path, s3.S3Uri(bucket, f"sparse/{split}/{path.name}"))
+        upload_folder(s3_client, folder, bucket, f"sparse/{split}")
     return {
         "bucket": bucket,
         "train": f"s3://{bucket}/sparse/train/",

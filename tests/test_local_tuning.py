@@ -15,10 +15,10 @@ import pytest
 from botocore.validate import ParamValidator
 from PIL import Image, ImageDraw
 
+from conftest import upload_folder, write_records
 from tagflow import s3
 from tagflow.errors import InputError
 from tagflow.local.tuner import run_tuning_job, trial_name, validate_request
-from tagflow.recordio import RecordWriter
 from tagflow.sagemaker_config import (
     training_job_name,
     training_job_request,
@@ -60,14 +60,8 @@ def dataset(tmp_path_factory, s3_client) -> dict[str, str]:
     bucket = "t-local-tuning"
     s3.ensure_bucket(s3_client, bucket)
     for split, ids in (("train", range(N_TRAIN)), ("validation", range(N_TRAIN, N_IMAGES))):
-        folder = root / split
-        folder.mkdir()
-        with RecordWriter(folder / f"{split}.rec", folder / f"{split}.idx") as writer:
-            for i in ids:
-                data, labels = _render(i)
-                writer.write_image(i, labels, data)
-        for path in folder.iterdir():
-            s3.put_file(s3_client, path, s3.S3Uri(bucket, f"data/{split}/{path.name}"))
+        write_records(root / split, split, ids, _render)
+        upload_folder(s3_client, root / split, bucket, f"data/{split}")
     return {"bucket": bucket, "train": f"s3://{bucket}/data/train/", "validation": f"s3://{bucket}/data/validation/"}
 
 
