@@ -55,7 +55,7 @@ def test_train_reads_counts_from_the_manifest_and_writes_the_model_where_sagemak
         "--hp",
         "num_layers=18",
         "--hp",
-        "mini_batch_size=16",
+        "mini_batch_size=8",
         "--json",
     )
     assert done.returncode == 0, done.stderr[-3000:]
@@ -84,6 +84,8 @@ def test_train_with_a_wrong_class_count_fails_naming_both_numbers(dataset, tmp_p
         "num_classes=10",
         "--hp",
         "epochs=1",
+        "--hp",
+        "mini_batch_size=8",  # under the 13 validation images: the batch check passes, the trainer judges
     )
     assert done.returncode == 1
     said = done.stdout + done.stderr
@@ -113,7 +115,7 @@ def test_train_serve_predict_session(dataset, tmp_path):
         "--hp",
         "num_layers=18",
         "--hp",
-        "mini_batch_size=16",
+        "mini_batch_size=8",
         "--json",
         env=env,
     )
@@ -178,7 +180,7 @@ def test_train_leads_with_the_saved_model_and_prints_epochs_on_a_pipe(dataset, t
     uri, _ = dataset
     done = tagflow(
         "train", "--dataset", uri, "--job-name", "cli-train-saved", "--workdir", str(tmp_path),
-        "--hp", "epochs=2", "--hp", "num_layers=18", "--hp", "mini_batch_size=16",
+        "--hp", "epochs=2", "--hp", "num_layers=18", "--hp", "mini_batch_size=8",
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     log = (tmp_path / "cli-train-saved" / "training.log").read_text()
@@ -214,7 +216,7 @@ def test_tune_ranks_by_the_saved_model_and_prints_each_trials_epochs(dataset, tm
     done = tagflow(
         "tune", "--dataset", uri, "--ranges", str(ranges), "--max-jobs", "1", "--strategy", "Random",
         "--job-name", "cli-tune-saved", "--workdir", str(tmp_path / "jobs"),
-        "--hp", "epochs=2", "--hp", "num_layers=18", "--hp", "mini_batch_size=16",
+        "--hp", "epochs=2", "--hp", "num_layers=18", "--hp", "mini_batch_size=8",
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.splitlines()
