@@ -48,7 +48,7 @@ TERMINAL_RUN = {"success", "failed"}
 BUCKET = "tagflow-data"  # `up` creates it: the trigger form's default dataset bucket
 # Every 29 February: the DAG's first interval after its start date (2026-01-01) ends in 2032, so unpausing it from
 # the form starts only the run the form triggers. Under the weekly default the scheduler would also run last week's
-# interval (catchup=False still runs the latest one), first and with the form's defaults (ten epochs), and
+# interval (catchup=False still runs the latest one), first and with the form's defaults (twenty epochs), and
 # max_active_runs=1 would queue the form's run behind it.
 SCHEDULE = "0 0 29 2 *"
 # A manual run reads the list partitions dated before the end of the interval Airflow infers for it: under

@@ -236,11 +236,11 @@ def test_lineage_lives_beside_the_model_and_a_scheduled_run_with_nothing_new_doe
     assert decide("scheduled", model=None, serving=None)["reason"] == "no model is serving"
     assert "has no recorded lineage" in decide("scheduled", serving=None)["reason"]
     more_epochs = jobs.lineage(
-        runconfig.resolve({"hyperparameters": {**runconfig.DEFAULT_HYPERPARAMETERS, "epochs": 11}}),
+        runconfig.resolve({"hyperparameters": {**runconfig.DEFAULT_HYPERPARAMETERS, "epochs": 21}}),
         current["dataset"],
     )
     changed = decide("scheduled", now=more_epochs)
-    assert changed["train"] is True and "hyperparameters.epochs: 10 → 11" in changed["reason"]
+    assert changed["train"] is True and "hyperparameters.epochs: 20 → 21" in changed["reason"]
     _published(s3_client, bucket, b"t2", b"v", ["a", "b"])
     grown = jobs.lineage(cfg, jobs.dataset_digest(uri, manifest, s3_client))
     assert decide("scheduled", now=grown)["train"] is True
